@@ -1,0 +1,164 @@
+"""The ``provisioner`` command line: parse, call the layer below, print. Nothing else.
+
+Errors raised on purpose (:class:`ProvisionerError`) become one-line messages on stderr and
+exit code 1; no traceback reaches the user. ``--output json`` prints machine-readable results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from provisioner import __version__
+from provisioner.errors import ProvisionerError, SecretError, SpecError
+from provisioner.render import render_fleet, write_tree
+from provisioner.render.inventory import build_inventory
+from provisioner.render.writer import callback_key, check_target
+from provisioner.spec import Fleet, load_fleet
+
+app = typer.Typer(
+    name="provisioner",
+    help="Turn a declarative GPU fleet spec into running, validated bare-metal nodes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+
+
+SpecArg = Annotated[Path, typer.Argument(help="fleet spec (YAML)", show_default=False)]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text or json")]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _load(spec: Path) -> Fleet:
+    fleet = load_fleet(spec)
+    for warning in fleet.warnings:
+        typer.echo(str(warning), err=True)
+    return fleet
+
+
+def _summary(fleet: Fleet) -> dict[str, Any]:
+    doc = fleet.document
+    return {
+        "site": doc.metadata.site,
+        "racks": len(doc.racks),
+        "nodes": len(fleet.nodes),
+        "gpus": sum(fleet.profile(node).gpus for node in fleet.nodes),
+        "profiles": sorted({node.profile for node in fleet.nodes}),
+        "stacks": sorted({node.stack for node in fleet.nodes}),
+        "images": sorted({node.image for node in fleet.nodes}),
+    }
+
+
+@app.command()
+def validate(spec: SpecArg, output: OutputOpt = Output.text) -> None:
+    """Check a fleet spec; print every problem as file:line: field: message."""
+    try:
+        fleet = load_fleet(spec)
+    except SpecError as exc:
+        if output is Output.json:
+            typer.echo(json.dumps({"ok": False, "problems": [p.as_dict() for p in exc.problems]}))
+        else:
+            for problem in exc.problems:
+                typer.echo(str(problem), err=True)
+            errors = sum(1 for p in exc.problems if p.severity == "error")
+            typer.echo(f"{spec}: {errors} error{'s' if errors != 1 else ''}", err=True)
+        raise typer.Exit(1) from None
+    summary = _summary(fleet)
+    if output is Output.json:
+        problems = [p.as_dict() for p in fleet.warnings]
+        typer.echo(json.dumps({"ok": True, "problems": problems, "summary": summary}))
+        return
+    for warning in fleet.warnings:
+        typer.echo(str(warning), err=True)
+    typer.echo(
+        f"{spec}: ok: site {summary['site']}, {summary['racks']} racks, "
+        f"{summary['nodes']} nodes, {summary['gpus']} GPUs"
+    )
+
+
+@app.command()
+def render(
+    spec: SpecArg,
+    out: Annotated[Path, typer.Option("--out", help="folder to write into")],
+    output: OutputOpt = Output.text,
+) -> None:
+    """Write the Ansible inventory, dnsmasq, iPXE, autoinstall/kickstart and Terraform files."""
+    fleet = _load(spec)
+    check_target(out)
+    ref = fleet.document.boot.callback_key
+    key = ref.resolve(fleet.base_dir).encode() if ref is not None else callback_key(out)
+    report = write_tree(render_fleet(fleet, key, workers=os.cpu_count() or 1), out)
+    if output is Output.json:
+        typer.echo(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "files": report.total,
+                    "new": report.written,
+                    "changed": report.changed,
+                    "unchanged": report.unchanged,
+                    "removed": report.removed,
+                }
+            )
+        )
+        return
+    typer.echo(f"rendered {len(fleet.nodes)} nodes: {report.summary()}")
+
+
+@app.command()
+def inventory(
+    spec: SpecArg,
+    list_: Annotated[bool, typer.Option("--list", help="all groups and hosts (JSON)")] = False,
+    host: Annotated[str | None, typer.Option("--host", help="one host's variables")] = None,
+) -> None:
+    """Ansible dynamic inventory: `ansible-inventory -i WRAPPER --list` reads this."""
+    if list_ == (host is not None):
+        _fail("give exactly one of --list or --host NAME")
+    built = build_inventory(_load(spec))
+    if list_:
+        typer.echo(json.dumps(built.dynamic_list(), sort_keys=True))
+        return
+    assert host is not None
+    if host not in built.host_vars:
+        _fail(f"no host {host!r} in {spec}")
+    typer.echo(json.dumps(built.merged_vars(host), sort_keys=True))
+
+
+@app.command()
+def version() -> None:
+    """Print provisioner's version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except SpecError as exc:
+        for problem in exc.problems:
+            typer.echo(str(problem), err=True)
+        sys.exit(1)
+    except SecretError as exc:
+        typer.echo(f"error: secret: {exc}", err=True)
+        sys.exit(1)
+    except ProvisionerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

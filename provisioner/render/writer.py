@@ -1,0 +1,168 @@
+"""Write a rendered tree to a folder: only what changed, atomically, removing what is stale.
+
+The folder keeps a manifest (``.provisioner-render.json``) of the files provisioner wrote, so a
+node removed from the spec loses its files on the next render, while files someone else put
+there are never touched. A non-empty folder without that manifest is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provisioner.errors import ProvisionerError
+from provisioner.render.tree import RenderedTree
+
+MANIFEST = ".provisioner-render.json"
+_KEEP = {MANIFEST, ".callback-key"}
+
+
+class RenderTargetError(ProvisionerError):
+    """The output folder cannot be used for a render."""
+
+
+@dataclass
+class WriteReport:
+    out_dir: Path
+    written: list[str] = field(default_factory=list)  # new files
+    changed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.written) + len(self.changed) + self.unchanged
+
+    def summary(self) -> str:
+        return (
+            f"{self.total} files in {self.out_dir}: {len(self.written)} new, "
+            f"{len(self.changed)} changed, {self.unchanged} unchanged, "
+            f"{len(self.removed)} removed"
+        )
+
+
+def check_target(out_dir: Path) -> None:
+    """Refuse a folder that holds files but was not written by provisioner render."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RenderTargetError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and not (out_dir / MANIFEST).exists():
+        others = [p.name for p in out_dir.iterdir() if p.name not in _KEEP]
+        if others:
+            raise RenderTargetError(
+                f"{out_dir} is not empty and was not written by provisioner render "
+                f"(it holds {', '.join(sorted(others)[:3])}{' ...' if len(others) > 3 else ''}); "
+                "choose an empty or new folder"
+            )
+
+
+def write_tree(tree: RenderedTree, out_dir: Path) -> WriteReport:
+    check_target(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _read_manifest(out_dir)
+    report = WriteReport(out_dir)
+    made_dirs: set[str] = set()
+    root = str(out_dir)
+    for relative in sorted(tree.files):
+        data = tree.files[relative].encode("utf-8")
+        target = f"{root}/{relative}"
+        parent = target.rpartition("/")[0]
+        if parent not in made_dirs:
+            os.makedirs(parent, exist_ok=True)  # noqa: PTH103 - hot path, plain strings
+            made_dirs.add(parent)
+        if relative not in previous and _create(target, data):
+            report.written.append(relative)
+            continue
+        try:
+            with open(target, "rb") as handle:  # noqa: PTH123 - hot path, plain strings
+                current = handle.read()
+        except FileNotFoundError:
+            _write_atomic(Path(target), data)
+            report.written.append(relative)
+            continue
+        if current == data:
+            report.unchanged += 1
+        else:
+            _write_atomic(Path(target), data)
+            report.changed.append(relative)
+    for relative in sorted(previous - tree.files.keys()):
+        target_path = out_dir / relative
+        try:
+            target_path.unlink()
+        except FileNotFoundError:
+            continue
+        report.removed.append(relative)
+        _prune_empty(target_path.parent, out_dir)
+    _write_atomic(
+        out_dir / MANIFEST,
+        (json.dumps({"files": sorted(tree.files)}, indent=0) + "\n").encode(),
+    )
+    return report
+
+
+def _create(target: str, data: bytes) -> bool:
+    """Write a file that must not exist yet; False (nothing written) if it does."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_atomic(target: Path, data: bytes, mode: int = 0o644) -> None:
+    temporary = target.with_name(f".{target.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temporary, target)  # noqa: PTH105 - same call as Path.replace
+
+
+def callback_key(out_dir: Path) -> bytes:
+    """The site key for install-callback tokens kept in the render folder (mode 0600),
+    made on first use. Used when the spec gives no ``boot.callback_key`` reference."""
+    path = out_dir / ".callback-key"
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = secrets.token_hex(32)
+        _write_atomic(path, (text + "\n").encode(), mode=0o600)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RenderTargetError(f"cannot read the callback key {path}: {exc}") from exc
+    if len(text) < 32:
+        raise RenderTargetError(f"the callback key in {path} is too short; delete it to make one")
+    return text.encode()
+
+
+def _read_manifest(out_dir: Path) -> set[str]:
+    try:
+        data = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return set()
+    files = data.get("files", []) if isinstance(data, dict) else []
+    # Only plain relative paths inside the folder: a damaged manifest must not delete elsewhere.
+    return {
+        f
+        for f in files
+        if isinstance(f, str) and not f.startswith("/") and ".." not in f.split("/")
+    }
+
+
+def _prune_empty(folder: Path, root: Path) -> None:
+    while folder != root and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent

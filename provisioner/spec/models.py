@@ -1,0 +1,461 @@
+"""The fleet spec document: pydantic v2 models, frozen, unknown keys refused.
+
+These models describe what a user writes. Ranges and vendor manifests are expanded into
+concrete nodes by :mod:`provisioner.spec.expand`; checks that span the document (duplicates,
+address plans, references, driver rules) live in :mod:`provisioner.spec.checks`.
+"""
+
+from __future__ import annotations
+
+import string
+from ipaddress import IPv4Address, IPv4Network
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+
+from provisioner.spec.types import (
+    BmcUrl,
+    CountPercent,
+    DriverVersion,
+    MacAddress,
+    Name,
+    Secret,
+    SshPublicKey,
+    Version,
+    version_tuple,
+)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+# --------------------------------------------------------------------------- site and networks
+
+
+class Metadata(Model):
+    site: Name
+    description: str = ""
+
+
+class DhcpRange(Model):
+    start: IPv4Address
+    end: IPv4Address
+    lease: str = "12h"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DhcpRange:
+        if int(self.end) < int(self.start):
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        return self
+
+    def __contains__(self, address: IPv4Address) -> bool:
+        return int(self.start) <= int(address) <= int(self.end)
+
+
+class ProvisioningNetwork(Model):
+    cidr: IPv4Network
+    gateway: IPv4Address
+    dns: tuple[IPv4Address, ...] = ()
+    domain: str | None = None
+    dhcp_range: DhcpRange | None = None
+    interface: str | None = Field(
+        default=None, description="interface dnsmasq serves DHCP/TFTP on (the boot host's)"
+    )
+    mtu: int | None = Field(default=None, ge=576, le=9216)
+
+    @field_validator("cidr", mode="before")
+    @classmethod
+    def _strict_cidr(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                IPv4Network(value, strict=True)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{value!r} is not a network address with prefix ({exc})"
+                ) from None
+        return value
+
+
+class BmcNetwork(Model):
+    cidr: IPv4Network
+    gateway: IPv4Address | None = None
+    dhcp: bool = Field(default=False, description="also serve BMC addresses from the manifest")
+
+
+class Networks(Model):
+    provisioning: ProvisioningNetwork
+    bmc: BmcNetwork | None = None
+
+
+class Ssh(Model):
+    user: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    authorized_keys: tuple[SshPublicKey, ...] = Field(min_length=1)
+
+
+class BootServer(Model):
+    url: HttpUrl = Field(description="base URL nodes reach the boot server at")
+    tftp_root: str = "/srv/tftp"
+    callback_key: Secret | None = Field(
+        default=None, description="key the per-node install-callback tokens are derived from"
+    )
+
+
+# --------------------------------------------------------------------------- images
+
+OsFamily = Literal["ubuntu", "rocky", "rhel"]
+_SUPPORTED_OS: dict[str, tuple[str, ...]] = {
+    "ubuntu": ("22.04", "24.04"),
+    "rocky": ("9",),
+    "rhel": ("9",),
+}
+
+
+class Image(Model):
+    os: OsFamily
+    version: Version
+    kernel_url: HttpUrl
+    initrd_url: HttpUrl
+    iso_url: HttpUrl | None = Field(default=None, description="Ubuntu live-server ISO")
+    repo_url: HttpUrl | None = Field(default=None, description="RHEL-family install tree")
+    mirror_url: HttpUrl | None = Field(default=None, description="Ubuntu archive mirror")
+    kernel_args: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ("python3",)
+    storage: Literal["lvm", "direct"] = "lvm"
+    timezone: str = "UTC"
+    locale: str = "en_US.UTF-8"
+
+    @model_validator(mode="after")
+    def _supported(self) -> Image:
+        major = self.version if self.os == "ubuntu" else self.version.split(".")[0]
+        if major not in _SUPPORTED_OS[self.os]:
+            supported = ", ".join(_SUPPORTED_OS[self.os])
+            raise ValueError(f"{self.os} {self.version} is not supported (supported: {supported})")
+        if self.os == "ubuntu" and self.iso_url is None:
+            raise ValueError(
+                "an Ubuntu image needs iso_url (the live-server ISO the installer loads)"
+            )
+        if self.os != "ubuntu" and self.repo_url is None:
+            raise ValueError(f"a {self.os} image needs repo_url (the install tree for inst.repo)")
+        return self
+
+    @property
+    def installer(self) -> Literal["autoinstall", "kickstart"]:
+        return "autoinstall" if self.os == "ubuntu" else "kickstart"
+
+    @property
+    def distro(self) -> str:
+        """NVIDIA's repository name for this OS: ubuntu2204, ubuntu2404, rhel9."""
+        if self.os == "ubuntu":
+            return "ubuntu" + self.version.replace(".", "")
+        return "rhel" + self.version.split(".")[0]
+
+
+# --------------------------------------------------------------------------- software stacks
+
+
+class Driver(Model):
+    version: DriverVersion
+    branch: str | None = Field(default=None, description="driver branch; defaults to the major")
+    kernel_modules: Literal["open", "proprietary"] = "open"
+
+    @model_validator(mode="after")
+    def _branch_matches(self) -> Driver:
+        major = self.version.split(".")[0]
+        if self.branch is not None and self.branch != major:
+            raise ValueError(f"branch {self.branch!r} does not match driver {self.version}")
+        return self
+
+    @property
+    def effective_branch(self) -> str:
+        return self.branch or self.version.split(".")[0]
+
+
+class StackRepos(Model):
+    """Package sources; ``{distro}`` (ubuntu2204, rhel9 ...) and ``{arch}`` (x86_64) are
+    filled in per node, so a local mirror with the same layout works."""
+
+    cuda: str = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}/"
+    container_toolkit: str = "https://nvidia.github.io/libnvidia-container/stable/{pkg}/{arch}/"
+    keyring: str | None = Field(default=None, description="CUDA keyring URL (default: in repo)")
+
+    @field_validator("cuda", "container_toolkit", "keyring")
+    @classmethod
+    def _url_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://", "file://")):
+            raise ValueError(f"{value!r} is not an http(s):// or file:// URL")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name}
+        except ValueError as exc:
+            raise ValueError(f"bad placeholder in {value!r}: {exc}") from None
+        unknown = fields - {"distro", "arch", "pkg"}
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder {sorted(unknown)[0]!r} (known: {{distro}}, {{arch}}, {{pkg}})"
+            )
+        return value
+
+
+class Stack(Model):
+    driver: Driver
+    cuda: Version | None = None
+    container_toolkit: Version | None = None
+    container_runtime: Literal["containerd", "docker"] = "containerd"
+    dcgm: Version | None = None
+    fabric_manager: bool = False
+    repos: StackRepos = StackRepos()
+
+
+# --------------------------------------------------------------------------- hardware profiles
+
+
+class BurninFloors(Model):
+    """Per-GPU floors that override the catalog's for this profile (all optional)."""
+
+    gemm_tflops: float | None = Field(default=None, gt=0)
+    hbm_gbps: float | None = Field(default=None, gt=0)
+    h2d_gbps: float | None = Field(default=None, gt=0)
+    d2h_gbps: float | None = Field(default=None, gt=0)
+    allreduce_busbw_gbps: float | None = Field(default=None, gt=0)
+    max_temperature_c: float | None = Field(default=None, gt=0, le=120)
+
+
+class Burnin(Model):
+    level: Literal["quick", "standard", "extended"] = "standard"
+    floors: BurninFloors = BurninFloors()
+
+
+class Profile(Model):
+    gpu: str = Field(description="GPU SKU from the catalog, e.g. H100-SXM5-80GB")
+    gpus: int = Field(ge=1, le=16)
+    nvswitch: bool | None = Field(default=None, description="default: the SKU's")
+    boot_mode: Literal["uefi", "legacy"] = "uefi"
+    burnin: Burnin = Burnin()
+
+
+# --------------------------------------------------------------------------- BMC
+
+
+class PowerOnStagger(Model):
+    count: int = Field(default=4, ge=1, description="power-ons per interval per rack")
+    interval: float = Field(default=5.0, ge=0, description="seconds")
+
+
+class BmcCredentials(Model):
+    username: str = Field(min_length=1)
+    password: Secret
+
+
+class Bmc(Model):
+    """BMC access and pacing for the whole fleet; racks may override the credentials."""
+
+    username: str = Field(min_length=1)
+    password: Secret
+    concurrency: int = Field(default=64, ge=1, le=1000)
+    min_interval: float = Field(default=0.0, ge=0, description="seconds between commands per BMC")
+    timeout: float = Field(default=30.0, gt=0, description="seconds per operation")
+    retries: int = Field(default=3, ge=0, le=20)
+    power_on_stagger: PowerOnStagger = PowerOnStagger()
+    verify_tls: bool = True
+    ca_bundle: str | None = None
+
+
+# --------------------------------------------------------------------------- racks and nodes
+
+_NAME_FIELDS = {"index", "rack"}
+
+
+class NodeSpec(Model):
+    name: Name
+    ip: IPv4Address
+    mac: MacAddress
+    bmc: BmcUrl
+    serial: str | None = None
+    bmc_mac: MacAddress | None = None
+    profile: Name | None = None
+    stack: Name | None = None
+    image: Name | None = None
+
+
+class Manifest(Model):
+    """A vendor CSV: one row per node with serial, BMC MAC, BMC address, provisioning MAC."""
+
+    path: str
+    join: Literal["position", "serial"] = "position"
+    columns: dict[Literal["serial", "bmc_mac", "bmc_address", "provisioning_mac"], str] = Field(
+        default_factory=dict, description="our field -> the vendor's column header"
+    )
+
+
+class NodeRange(Model):
+    name: str = Field(description="pattern with {index}, e.g. gpu-r01-{index:02d}")
+    count: int = Field(ge=1, le=100_000)
+    first_index: int = Field(default=1, ge=0)
+    first_ip: IPv4Address
+    first_bmc: BmcUrl | None = None
+    bmc_step: Literal["address", "port"] = "address"
+    bmc_protocol: Literal["ipmi", "redfish"] = Field(
+        default="ipmi", description="for bare addresses in the manifest's bmc_address column"
+    )
+    first_mac: MacAddress | None = Field(default=None, description="lab ranges without manifest")
+    manifest: Manifest | None = None
+    serials: tuple[str, ...] | None = Field(default=None, description="slot order, join: serial")
+    profile: Name | None = None
+    stack: Name | None = None
+    image: Name | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"bad name pattern {value!r}: {exc}") from None
+        if "index" not in [f.split(":")[0].split("!")[0] for f in fields]:
+            raise ValueError(f"name pattern {value!r} needs {{index}}, e.g. gpu-r01-{{index:02d}}")
+        unknown = {f for f in fields if f not in _NAME_FIELDS}
+        if unknown:
+            raise ValueError(f"name pattern {value!r} may use only {{index}} and {{rack}}")
+        try:
+            value.format(index=1, rack="r")
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"bad name pattern {value!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _sources(self) -> NodeRange:
+        join = self.manifest.join if self.manifest else None
+        if self.manifest is None and self.first_mac is None:
+            raise ValueError("a range needs a manifest (vendor CSV with MACs) or first_mac")
+        if self.manifest is not None and self.first_mac is not None:
+            raise ValueError("give MACs in one place: a manifest or first_mac, not both")
+        if join == "serial" and self.serials is None:
+            raise ValueError("manifest join: serial needs serials (the slot order)")
+        if self.serials is not None and join != "serial":
+            raise ValueError("serials are only used with a manifest joined by serial")
+        if self.serials is not None and len(self.serials) != self.count:
+            raise ValueError(f"{len(self.serials)} serials listed for a count of {self.count}")
+        return self
+
+
+class Rack(Model):
+    name: Name
+    profile: Name
+    stack: Name
+    image: Name
+    location: str | None = Field(default=None, description="row / position in the hall")
+    bmc: BmcCredentials | None = Field(default=None, description="override the fleet's")
+    nodes: tuple[NodeSpec, ...] = ()
+    ranges: tuple[NodeRange, ...] = ()
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Rack:
+        if not self.nodes and not self.ranges:
+            raise ValueError("a rack needs nodes or ranges")
+        return self
+
+
+# --------------------------------------------------------------------------- operations
+
+
+class Rollout(Model):
+    canary: int = Field(default=1, ge=0)
+    max_unavailable: CountPercent = Field(default="10%", validate_default=True)
+    max_unavailable_per_rack: CountPercent | None = None
+    max_failures: int = Field(default=0, ge=0)
+    drain_timeout: float = Field(default=3600.0, gt=0, description="seconds")
+
+
+class Scheduler(Model):
+    type: Literal["none", "slurm", "kubernetes"] = "none"
+    kubeconfig: str | None = None
+    context: str | None = None
+
+    @model_validator(mode="after")
+    def _kube_only(self) -> Scheduler:
+        if self.type != "kubernetes" and (self.kubeconfig or self.context):
+            raise ValueError("kubeconfig and context apply to type: kubernetes only")
+        return self
+
+
+class TerraformBackend(Model):
+    type: Literal["local", "pg"] = "local"
+    conn_str: Secret | None = Field(default=None, description="pg backend connection string")
+
+    @model_validator(mode="after")
+    def _pg_conn(self) -> TerraformBackend:
+        if self.type == "pg" and self.conn_str is None:
+            raise ValueError("the pg backend needs conn_str (a reference: env:NAME or file:/path)")
+        return self
+
+
+class Terraform(Model):
+    module: str
+    backend: TerraformBackend = TerraformBackend()
+    workspace: str = "default"
+
+
+LabFaultKind = Literal[
+    "missing_gpu",
+    "xid_79",
+    "ecc_uncorrectable",
+    "row_remap_pending",
+    "pcie_gen3",
+    "slow_gpu",
+    "nvlink_down",
+    "silent_data_corruption",
+]
+
+
+class LabFault(Model):
+    kind: LabFaultKind
+    gpu: int = Field(default=0, ge=0, le=15)
+
+
+class Lab(Model):
+    """The embedded lab: which simulated GPU faults each node carries."""
+
+    faults: dict[Name, tuple[LabFault, ...]] = Field(default_factory=dict)
+
+
+class RenderOptions(Model):
+    templates: str | None = Field(
+        default=None, description="folder whose templates override the built-in ones"
+    )
+
+
+# --------------------------------------------------------------------------- the document
+
+_Sized = TypeVar("_Sized", tuple[Rack, ...], dict[str, Image], dict[str, Stack], dict[str, Profile])
+
+
+class FleetDocument(Model):
+    version: Literal[1]
+    metadata: Metadata
+    networks: Networks
+    ssh: Ssh
+    boot: BootServer
+    bmc: Bmc
+    images: dict[Name, Image]
+    stacks: dict[Name, Stack]
+    profiles: dict[Name, Profile]
+    racks: tuple[Rack, ...]
+    rollout: Rollout = Rollout()
+    scheduler: Scheduler = Scheduler()
+    terraform: Terraform | None = None
+    lab: Lab | None = None
+    render: RenderOptions = RenderOptions()
+
+    @field_validator("racks", "images", "stacks", "profiles")
+    @classmethod
+    def _not_empty(cls, value: _Sized) -> _Sized:
+        # Checked after the items: a Field length bound would also fire when an item fails.
+        if not value:
+            raise ValueError("needs at least one entry")
+        return value
+
+
+def driver_at_least(version: str, minimum: str) -> bool:
+    return version_tuple(version) >= version_tuple(minimum)
