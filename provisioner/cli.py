@@ -52,6 +52,10 @@ def _load(spec: Path) -> Fleet:
     return fleet
 
 
+def _count(number: int, word: str) -> str:
+    return f"{number} {word}{'' if number == 1 else 's'}"
+
+
 def _summary(fleet: Fleet) -> dict[str, Any]:
     doc = fleet.document
     return {
@@ -87,8 +91,8 @@ def validate(spec: SpecArg, output: OutputOpt = Output.text) -> None:
     for warning in fleet.warnings:
         typer.echo(str(warning), err=True)
     typer.echo(
-        f"{spec}: ok: site {summary['site']}, {summary['racks']} racks, "
-        f"{summary['nodes']} nodes, {summary['gpus']} GPUs"
+        f"{spec}: ok: site {summary['site']}, {_count(summary['racks'], 'rack')}, "
+        f"{_count(summary['nodes'], 'node')}, {_count(summary['gpus'], 'GPU')}"
     )
 
 
@@ -118,7 +122,7 @@ def render(
             )
         )
         return
-    typer.echo(f"rendered {len(fleet.nodes)} nodes: {report.summary()}")
+    typer.echo(f"rendered {_count(len(fleet.nodes), 'node')}: {report.summary()}")
 
 
 @app.command()

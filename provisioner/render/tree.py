@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner import __version__
 from provisioner.render.boot import BootRenderer
 from provisioner.render.environment import make_environment
 from provisioner.render.inventory import build_inventory
@@ -33,7 +32,7 @@ def render_fleet(fleet: Fleet, callback_key: bytes, workers: int = 1) -> Rendere
     overlay = fleet.document.render.templates
     env = make_environment(fleet.base_dir / overlay if overlay else None)
     header = (
-        f"Rendered by provisioner {__version__} from {fleet.spec_path.name}: do not edit; "
+        f"Rendered by provisioner from {fleet.spec_path.name}: do not edit; "
         "change the spec and render again."
     )
     boot = BootRenderer(fleet, env, callback_key, header)

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from provisioner import __version__
 from provisioner.errors import ProvisionerError
 from provisioner.render.tree import RenderedTree
 
@@ -97,7 +98,9 @@ def write_tree(tree: RenderedTree, out_dir: Path) -> WriteReport:
         _prune_empty(target_path.parent, out_dir)
     _write_atomic(
         out_dir / MANIFEST,
-        (json.dumps({"files": sorted(tree.files)}, indent=0) + "\n").encode(),
+        (
+            json.dumps({"provisioner": __version__, "files": sorted(tree.files)}, indent=0) + "\n"
+        ).encode(),
     )
     return report
 

@@ -23,6 +23,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     lowered = {choice.lower(): choice for choice in pool}
     if word.lower() in lowered:
         return f" (did you mean {lowered[word.lower()]!r}?)"
+    starts = [choice for choice in pool if choice.lower().startswith(word.lower())]
+    if len(starts) == 1:
+        return f" (did you mean {starts[0]!r}?)"
     close = difflib.get_close_matches(word, pool, n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}?)"
@@ -188,29 +191,47 @@ class Checker:
             if bmc_net is not None
             else (0, 0)
         )
+        found: dict[tuple[PathKey, str, str], list[tuple[Node, str]]] = defaultdict(list)
         for node in self.nodes:
             ip = int(node.ip)
+            reason = None
             if not low <= ip <= high:
-                self.at_node(
-                    node, "ip", f"{node.ip} is outside the provisioning network {net.cidr}"
-                )
-            elif ip in (low, high) and net.cidr.prefixlen < 31:
-                self.at_node(node, "ip", f"{node.ip} is the network or broadcast address")
+                reason = f"outside the provisioning network {net.cidr}"
+            elif ip == low and net.cidr.prefixlen < 31:
+                reason = "the network address"
+            elif ip == high and net.cidr.prefixlen < 31:
+                reason = "the broadcast address"
             elif ip == gateway:
-                self.at_node(node, "ip", f"{node.ip} is the gateway's address")
+                reason = "the gateway's address"
             elif pool_low <= ip <= pool_high:
-                self.at_node(
-                    node,
-                    "ip",
-                    f"{node.ip} is inside the DHCP dynamic range {pool_text}",
-                )
+                reason = f"inside the DHCP dynamic range {pool_text}"
+            if reason is not None:
+                found[(node.origin.path, "ip", reason)].append((node, str(node.ip)))
             bmc_ip = ipv4_int(node.bmc.host)
             if bmc_net is not None and bmc_ip is not None and not bmc_low <= bmc_ip <= bmc_high:
-                self.at_node(
-                    node,
-                    "bmc",
-                    f"BMC {node.bmc.host} is outside the BMC network {bmc_net.cidr}",
-                )
+                reason = f"outside the BMC network {bmc_net.cidr}"
+                found[(node.origin.path, "bmc", reason)].append((node, node.bmc.host))
+        for (_, attribute, problem), hits in found.items():
+            self._address_problem(attribute, problem, hits)
+
+    def _address_problem(self, attribute: str, reason: str, hits: list[tuple[Node, str]]) -> None:
+        """One problem per written place: a range whose addresses all miss the network
+        is one mistake, said once, not once per node."""
+        node, shown = hits[0]
+        label = "BMC " if attribute == "bmc" else ""
+        if len(hits) == 1:
+            self.at_node(node, attribute, f"{label}{shown} is {reason}")
+            return
+        last, last_shown = hits[-1]
+        where, path = locate(self.source, node.origin, attribute)
+        self.problems.append(
+            Problem(
+                where,
+                path,
+                f"{len(hits)} nodes ({node.name} {label}{shown} .. {last.name} {last_shown}) "
+                f"are {reason}",
+            )
+        )
 
     def duplicates(self) -> None:
         kinds = ("node name", "IP", "MAC", "BMC endpoint", "serial")
@@ -238,9 +259,11 @@ class Checker:
             if where.file == self.where_node(node, attribute).file:
                 where = Location("", where.line)
             shown = value if kind != "BMC endpoint" else node.bmc.url
-            self.at_node(
-                node, attribute, f"duplicate {kind} {shown}: also {other.name}'s ({_short(where)})"
-            )
+            if kind == "node name":
+                message = f"duplicate node name {shown} (also at {_short(where)})"
+            else:
+                message = f"duplicate {kind} {shown}: also {other.name}'s ({_short(where)})"
+            self.at_node(node, attribute, message)
 
     def lab(self) -> None:
         if self.doc.lab is None:

@@ -19,6 +19,7 @@ from provisioner.spec.types import (
     BmcEndpoint,
     bmc_at,
     check_name,
+    ipv4_int,
     ipv4_plus,
     mac_plus,
     parse_bmc_url,
@@ -31,7 +32,9 @@ class Expander:
         self.source = source
         self.base_dir = base_dir
         self.problems: list[Problem] = []
-        self._manifests: dict[Path, tuple[ManifestFile | None, list[Problem]]] = {}
+        self._manifests: dict[
+            tuple[Path, tuple[tuple[str, str], ...], tuple[str, ...]], ManifestFile | None
+        ] = {}
 
     def problem(self, path: PathKey, message: str, where: Location | None = None) -> None:
         self.problems.append(Problem(where or self.source.locate(path), format_path(path), message))
@@ -62,33 +65,26 @@ class Expander:
     # ------------------------------------------------------------------ ranges
 
     def _range(self, rack: Rack, spec: NodeRange, path: PathKey) -> list[Node]:
-        rows = self._rows(spec, path)
-        if rows is None:
+        manifest, shown = self._manifest(spec, path) if spec.manifest else (None, "")
+        rows = self._rows(spec, path, manifest, shown)
+        columns = manifest.columns if manifest is not None else frozenset()
+        if rows is None or not self._bmc_source(spec, path, columns):
             return []
-        first_bmc = spec.first_bmc
-        if first_bmc is not None and spec.bmc_step == "address":
-            try:
-                IPv4Address(first_bmc.host)
-            except ValueError:
-                self.problem(
-                    (*path, "first_bmc"),
-                    f"to count BMC addresses from {first_bmc.host!r} it must be an IPv4 "
-                    "address (or set bmc_step: port)",
-                )
-                return []
+        names = self._names(spec, rack, path)
+        if not names:
+            return []
         nodes: list[Node] = []
         for i in range(spec.count):
-            index = spec.first_index + i
-            name = self._name(spec, rack, index, path)
             row = rows[i] if rows else None
             try:
                 ip = ipv4_plus(spec.first_ip, i)
             except ValueError as exc:
                 self.problem((*path, "first_ip"), str(exc))
                 return nodes
-            bmc = self._bmc(spec, first_bmc, i, row, path, name)
-            mac = row.provisioning_mac if row else self._mac(spec, i, path)
-            if name is None or bmc is None or mac is None:
+            name = names[i]
+            bmc = self._bmc(spec, i, row, path, name)
+            mac = row.provisioning_mac if row else self._mac(spec, i, path, name)
+            if bmc is None or mac is None:
                 continue
             given: frozenset[str] = frozenset()
             if row is not None:
@@ -98,7 +94,7 @@ class Expander:
                         ("mac", True),
                         ("serial", row.serial),
                         ("bmc_mac", row.bmc_mac),
-                        ("bmc", first_bmc is None and row.bmc_address),
+                        ("bmc", spec.first_bmc is None and row.bmc_address),
                     )
                     if value
                 )
@@ -119,31 +115,61 @@ class Expander:
             )
         return nodes
 
-    def _name(self, spec: NodeRange, rack: Rack, index: int, path: PathKey) -> str | None:
-        text = spec.name.format(index=index, rack=rack.name)
-        try:
-            return check_name(text)
-        except ValueError as exc:
-            self.problem((*path, "name"), f"index {index}: {exc}")
-            return None
+    def _names(self, spec: NodeRange, rack: Rack, path: PathKey) -> list[str]:
+        """The range's host names; a pattern that makes bad names is reported once."""
+        names = [
+            spec.name.format(index=spec.first_index + i, rack=rack.name) for i in range(spec.count)
+        ]
+        bad: list[tuple[int, str]] = []
+        for i, name in enumerate(names):
+            try:
+                check_name(name)
+            except ValueError as exc:
+                bad.append((spec.first_index + i, str(exc)))
+        if bad:
+            index, message = bad[0]
+            more = (
+                f" ({len(bad)} of the range's {spec.count} names are invalid)"
+                if len(bad) > 1
+                else ""
+            )
+            self.problem((*path, "name"), f"index {index}: {message}{more}")
+            return []
+        return names
 
-    def _mac(self, spec: NodeRange, i: int, path: PathKey) -> str | None:
+    def _bmc_source(self, spec: NodeRange, path: PathKey, columns: frozenset[str]) -> bool:
+        """Whether the range has a way to give each node a BMC (checked once per range)."""
+        first = spec.first_bmc
+        if first is not None and spec.bmc_step == "address" and ipv4_int(first.host) is None:
+            self.problem(
+                (*path, "first_bmc"),
+                f"to count BMC addresses from {first.host!r} it must be an IPv4 address "
+                "(or set bmc_step: port)",
+            )
+            return False
+        if first is None and "bmc_address" not in columns:
+            self.problem(
+                (*path, "first_bmc"),
+                "no BMC address: give first_bmc or a bmc_address column in the manifest",
+            )
+            return False
+        return True
+
+    def _mac(self, spec: NodeRange, i: int, path: PathKey, name: str) -> str | None:
         assert spec.first_mac is not None
         try:
-            return mac_plus(spec.first_mac, i)
+            mac = mac_plus(spec.first_mac, i)
+            if mac[1] in "13579bdf":
+                raise ValueError(f"{mac} is a multicast MAC address, not a NIC's")
         except ValueError as exc:
-            self.problem((*path, "first_mac"), str(exc))
+            self.problem((*path, "first_mac"), f"{name}: {exc}")
             return None
+        return mac
 
     def _bmc(
-        self,
-        spec: NodeRange,
-        first: BmcEndpoint | None,
-        i: int,
-        row: ManifestRow | None,
-        path: PathKey,
-        name: str | None,
+        self, spec: NodeRange, i: int, row: ManifestRow | None, path: PathKey, name: str
     ) -> BmcEndpoint | None:
+        first = spec.first_bmc
         counted: BmcEndpoint | None = None
         if first is not None:
             try:
@@ -152,13 +178,13 @@ class Expander:
                 else:
                     counted = first.with_host(str(ipv4_plus(IPv4Address(first.host), i)))
             except ValueError as exc:
-                self.problem((*path, "first_bmc"), str(exc))
+                self.problem((*path, "first_bmc"), f"{name}: {exc}")
                 return None
         listed: BmcEndpoint | None = None
         if row is not None and row.bmc_address:
             text = row.bmc_address
             try:
-                if "://" in text:
+                if "://" in text or "@" in text:
                     listed = parse_bmc_url(text)
                 elif counted is not None:
                     listed = counted.with_host(bmc_at(counted.protocol, text).host)
@@ -178,42 +204,52 @@ class Expander:
         found = counted or listed
         if found is None:
             self.problem(
-                (*path, "first_bmc"),
-                f"{name}: no BMC address: give first_bmc or a bmc_address column in the manifest",
+                (*path, "manifest", "bmc_address"),
+                f"{name}: no BMC address: the row's bmc_address is empty and the range has "
+                "no first_bmc",
+                row.location if row else None,
             )
         return found
 
     # ------------------------------------------------------------------ manifests
 
-    def _rows(self, spec: NodeRange, path: PathKey) -> list[ManifestRow] | None:
-        """The manifest row for each slot of the range; [] when the range has no manifest,
-        None when the manifest cannot be joined."""
-        if spec.manifest is None:
-            return []
+    def _manifest(self, spec: NodeRange, path: PathKey) -> tuple[ManifestFile | None, str]:
+        assert spec.manifest is not None
         manifest_path = Path(spec.manifest.path)
         if not manifest_path.is_absolute():
             manifest_path = self.base_dir / manifest_path
-        key = manifest_path.resolve()
-        path_text = format_path((*path, "manifest"))
+        columns = {str(field): header for field, header in spec.manifest.columns.items()}
+        required = {"provisioning_mac"} | ({"serial"} if spec.manifest.join == "serial" else set())
+        key = (manifest_path.resolve(), tuple(sorted(columns.items())), tuple(sorted(required)))
+        shown = display_name(manifest_path)
         if key not in self._manifests:
-            self._manifests[key] = read_manifest(
+            manifest, problems = read_manifest(
                 manifest_path,
-                display_name(manifest_path),
-                {str(field): header for field, header in spec.manifest.columns.items()},
-                path_text,
+                shown,
+                columns,
+                format_path((*path, "manifest")),
+                frozenset(required),
+                self.source.locate((*path, "manifest", "path")),
             )
-            self.problems.extend(self._manifests[key][1])
-        manifest, problems = self._manifests[key]
-        if manifest is None:
-            if not problems:
-                self.problem((*path, "manifest"), "cannot read the manifest")
-            return None
+            self._manifests[key] = manifest
+            self.problems.extend(problems)
+        return self._manifests[key], shown
+
+    def _rows(
+        self, spec: NodeRange, path: PathKey, manifest: ManifestFile | None, shown: str
+    ) -> list[ManifestRow] | None:
+        """The manifest row for each slot of the range; [] when the range has no manifest,
+        None when the manifest cannot be joined (its problems are reported)."""
+        if spec.manifest is None:
+            return []
+        if manifest is None or manifest.bad_rows:
+            return None  # each problem is reported already; a join would only mislead
         if spec.manifest.join == "position":
             if len(manifest.rows) != spec.count:
                 self.problem(
                     (*path, "manifest"),
-                    f"the manifest {display_name(manifest_path)} has {len(manifest.rows)} "
-                    f"rows but the range counts {spec.count} nodes",
+                    f"the manifest {shown} has {len(manifest.rows)} rows but the range "
+                    f"counts {spec.count} nodes",
                 )
                 return None
             return list(manifest.rows)
@@ -225,7 +261,7 @@ class Expander:
             if row is None:
                 self.problem(
                     (*path, "serials", s),
-                    f"serial {serial!r} is not in the manifest {display_name(manifest_path)}",
+                    f"serial {serial!r} is not in the manifest {shown}",
                 )
             else:
                 rows.append(row)

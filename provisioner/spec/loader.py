@@ -109,6 +109,8 @@ def _message(error: ErrorDetails, path: PathKey, model: type[BaseModel]) -> str:
         fields = _fields_at(model, path[:-1])
         hint = did_you_mean(str(path[-1]), fields) if fields else ""
         return f"unknown field{hint}"
+    if kind in _EXPECTED:
+        return f"must be {_EXPECTED[kind]}, not {_describe(error.get('input'))}"
     message = error["msg"]
     for prefix in _PREFIXES:
         if message.startswith(prefix):
@@ -119,6 +121,33 @@ def _message(error: ErrorDetails, path: PathKey, model: type[BaseModel]) -> str:
         if isinstance(given, (str, int)) and len(str(given)) <= 40:
             message += f" (got {given!r})"
     return message
+
+
+# Type errors in YAML's words rather than Python's.
+_EXPECTED = {
+    "dict_type": "a mapping (name: settings)",
+    "model_type": "a mapping of settings",
+    "model_attributes_type": "a mapping of settings",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "string_type": "text",
+}
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
 
 
 def _fields_at(model: type[BaseModel], path: PathKey) -> list[str]:

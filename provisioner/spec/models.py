@@ -7,11 +7,20 @@ address plans, references, driver rules) live in :mod:`provisioner.spec.checks`.
 
 from __future__ import annotations
 
+import re
 import string
 from ipaddress import IPv4Address, IPv4Network
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from provisioner.spec.types import (
     BmcUrl,
@@ -88,9 +97,29 @@ class Networks(Model):
     bmc: BmcNetwork | None = None
 
 
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
 class Ssh(Model):
-    user: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
-    authorized_keys: tuple[SshPublicKey, ...] = Field(min_length=1)
+    user: str = "root"
+    authorized_keys: tuple[SshPublicKey, ...]
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not _USER_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid user name: use up to 32 lowercase letters, digits, "
+                "'_' and '-', starting with a letter or '_'"
+            )
+        return value
+
+    @field_validator("authorized_keys")
+    @classmethod
+    def _some_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        if not keys:
+            raise ValueError("needs at least one entry")
+        return keys
 
 
 class BootServer(Model):
@@ -125,12 +154,20 @@ class Image(Model):
     timezone: str = "UTC"
     locale: str = "en_US.UTF-8"
 
+    @field_validator("version")
+    @classmethod
+    def _supported(cls, version: str, info: ValidationInfo) -> str:
+        family = info.data.get("os")
+        if family is None:
+            return version  # the os field has its own error
+        major = version if family == "ubuntu" else version.split(".")[0]
+        if major not in _SUPPORTED_OS[family]:
+            supported = ", ".join(_SUPPORTED_OS[family])
+            raise ValueError(f"{family} {version} is not supported (supported: {supported})")
+        return version
+
     @model_validator(mode="after")
-    def _supported(self) -> Image:
-        major = self.version if self.os == "ubuntu" else self.version.split(".")[0]
-        if major not in _SUPPORTED_OS[self.os]:
-            supported = ", ".join(_SUPPORTED_OS[self.os])
-            raise ValueError(f"{self.os} {self.version} is not supported (supported: {supported})")
+    def _installer_source(self) -> Image:
         if self.os == "ubuntu" and self.iso_url is None:
             raise ValueError(
                 "an Ubuntu image needs iso_url (the live-server ISO the installer loads)"
@@ -138,6 +175,12 @@ class Image(Model):
         if self.os != "ubuntu" and self.repo_url is None:
             raise ValueError(f"a {self.os} image needs repo_url (the install tree for inst.repo)")
         return self
+
+    @property
+    def title(self) -> str:
+        """How people write it: "Ubuntu 24.04", "Rocky Linux 9.5", "RHEL 9"."""
+        names = {"ubuntu": "Ubuntu", "rocky": "Rocky Linux", "rhel": "RHEL"}
+        return f"{names[self.os]} {self.version}"
 
     @property
     def installer(self) -> Literal["autoinstall", "kickstart"]:
@@ -159,12 +202,15 @@ class Driver(Model):
     branch: str | None = Field(default=None, description="driver branch; defaults to the major")
     kernel_modules: Literal["open", "proprietary"] = "open"
 
-    @model_validator(mode="after")
-    def _branch_matches(self) -> Driver:
-        major = self.version.split(".")[0]
-        if self.branch is not None and self.branch != major:
-            raise ValueError(f"branch {self.branch!r} does not match driver {self.version}")
-        return self
+    @field_validator("branch", mode="before")
+    @classmethod
+    def _branch_matches(cls, branch: object, info: ValidationInfo) -> object:
+        version = info.data.get("version")
+        if isinstance(branch, int) and not isinstance(branch, bool):
+            branch = str(branch)
+        if branch is not None and version is not None and branch != version.split(".")[0]:
+            raise ValueError(f"branch {branch!r} does not match driver {version}")
+        return branch
 
     @property
     def effective_branch(self) -> str:
@@ -432,7 +478,7 @@ _Sized = TypeVar("_Sized", tuple[Rack, ...], dict[str, Image], dict[str, Stack],
 
 
 class FleetDocument(Model):
-    version: Literal[1]
+    version: int
     metadata: Metadata
     networks: Networks
     ssh: Ssh
@@ -447,6 +493,15 @@ class FleetDocument(Model):
     terraform: Terraform | None = None
     lab: Lab | None = None
     render: RenderOptions = RenderOptions()
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> object:
+        if isinstance(value, str):
+            raise ValueError(f"must be the number 1, not the text {value[:20]!r}")
+        if value != 1 or isinstance(value, bool):
+            raise ValueError(f"this provisioner reads spec version 1, not {value!r}"[:120])
+        return value
 
     @field_validator("racks", "images", "stacks", "profiles")
     @classmethod

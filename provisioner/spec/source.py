@@ -7,14 +7,13 @@ its path (``("racks", 1, "nodes", 3, "bmc")``). Validation errors are mapped bac
 Two deliberate departures from plain ``yaml.safe_load``:
 
 * a duplicate key in one mapping is an error (PyYAML silently keeps the last one);
-* a plain scalar that YAML would read as a float stays the text written, so ``cuda: 12.10``
-  is the version "12.10", not the float 12.1; pydantic still turns such text into a float
-  where a field wants a number.
+* a plain scalar that YAML would read as a float or a date stays the text written, so
+  ``cuda: 12.10`` is the version "12.10", not the float 12.1; pydantic still turns such text
+  into a number where a field wants one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,12 @@ import yaml
 from provisioner.errors import Location, Problem, SpecError
 
 PathKey = tuple[str | int, ...]
+Pair = tuple[yaml.Node, yaml.Node]
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MAX_NODES = 2_000_000  # bounds alias expansion ("billion laughs") and absurd documents
-_FLOAT_TAG = "tag:yaml.org,2002:float"
+_TEXT_TAGS = frozenset({"tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"})
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class SourceMap:
@@ -79,17 +80,51 @@ def display_name(path: Path, base: Path | None = None) -> str:
 def load_yaml_file(path: Path) -> tuple[Any, SourceMap]:
     """Read a YAML file; raise SpecError (with file:line) for anything unreadable."""
     name = display_name(path)
+    return load_yaml_text(read_text(path, name), name)
+
+
+def read_text(path: Path, name: str) -> str:
+    """A file's UTF-8 text; SpecError naming the file (and the line of a bad byte)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SpecError([Problem(Location(name), "", "no such file")]) from None
     except IsADirectoryError:
-        raise SpecError([Problem(Location(name), "", "is a directory, not a spec file")]) from None
-    except UnicodeDecodeError as exc:
-        raise SpecError([Problem(Location(name), "", f"not UTF-8 text ({exc.reason})")]) from exc
+        raise SpecError([Problem(Location(name), "", "is a directory, not a file")]) from None
     except OSError as exc:
-        raise SpecError([Problem(Location(name), "", exc.strerror or str(exc))]) from exc
-    return load_yaml_text(text, name)
+        raise SpecError([Problem(Location(name), "", exc.strerror or str(exc))]) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            [Problem(Location(name, line), "", f"not UTF-8 text ({exc.reason})")]
+        ) from None
+
+
+def yaml_problem(exc: yaml.YAMLError, name: str, text: str = "") -> Problem:
+    """One line for a PyYAML error: where the parser gave up, and where the construct it was
+    reading began when that was elsewhere."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text[: exc.position].count("\n") + 1 if text else 0
+        message = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+        if isinstance(exc.character, bytes):
+            message = f"unacceptable byte #x{exc.character[0]:02x}: {exc.reason}"
+        return Problem(Location(name, line), "", f"YAML: {message}")
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        column = mark.column + 1 if mark is not None else 0
+        parts = []
+        if exc.context:
+            parts.append(str(exc.context))
+            start = exc.context_mark
+            if start is not None and mark is not None and start.line != mark.line:
+                parts.append(f"(from line {start.line + 1})")
+        if exc.problem:
+            parts.append(str(exc.problem))
+        return Problem(Location(name, line, column), "", "YAML: " + " ".join(parts))
+    return Problem(Location(name), "", f"YAML: {str(exc).splitlines()[0]}")
 
 
 def load_yaml_text(text: str, name: str) -> tuple[Any, SourceMap]:
@@ -101,23 +136,17 @@ def load_yaml_text(text: str, name: str) -> tuple[Any, SourceMap]:
             root = loader.get_single_node()
         finally:
             loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        column = mark.column + 1 if mark is not None else 0
-        message = " ".join(str(part) for part in (exc.context, exc.problem) if part)
-        raise SpecError([Problem(Location(name, line, column), "", f"YAML: {message}")]) from exc
     except yaml.YAMLError as exc:
-        raise SpecError([Problem(Location(name), "", f"YAML: {exc}")]) from exc
-    except (ValueError, RecursionError) as exc:  # e.g. NUL bytes, absurd nesting
-        raise SpecError([Problem(Location(name), "", f"YAML: {exc}")]) from exc
+        raise SpecError([yaml_problem(exc, name, text)]) from None
+    except RecursionError:
+        raise SpecError([Problem(Location(name), "", "YAML: nested too deeply")]) from None
     if root is None:
         return None, source
     builder = _Builder(source)
     try:
         value = builder.build(root, ())
-    except RecursionError as exc:
-        raise SpecError([Problem(Location(name), "", "YAML: nested too deeply")]) from exc
+    except RecursionError:
+        raise SpecError([Problem(Location(name), "", "YAML: nested too deeply")]) from None
     if builder.problems:
         raise SpecError(builder.problems)
     return value, source
@@ -131,6 +160,7 @@ class _Builder:
         self.problems: list[Problem] = []
         self._count = 0
         self._constructor = yaml.SafeLoader("")
+        self._split_cache: dict[int, tuple[list[Pair], list[Pair]]] = {}
 
     def _where(self, node: yaml.Node) -> Location:
         mark = node.start_mark
@@ -150,55 +180,74 @@ class _Builder:
         return self._scalar(node)
 
     def _scalar(self, node: yaml.Node) -> Any:
-        if node.tag == _FLOAT_TAG and not getattr(
-            node, "style", None
-        ):  # plain (libyaml says "", PyYAML None)
+        # Plain scalars that YAML would turn into floats or dates stay the text written:
+        # "cuda: 12.10" is a version, "description: 2024-01-05" is text. pydantic still
+        # converts such text where a field wants a number. (No style: libyaml says "".)
+        if node.tag in _TEXT_TAGS and not getattr(node, "style", None):
             text = str(node.value)
             if text.lower().lstrip("+-") not in {".inf", ".nan"}:
                 return text
         try:
             return self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
+            self.problems.append(yaml_problem(exc, self.source.file))
+        except (ValueError, TypeError, OverflowError) as exc:
             self.problems.append(Problem(self._where(node), "", f"YAML: {exc}"))
-            return None
+        return None
+
+    def _split(self, node: yaml.MappingNode) -> tuple[list[Pair], list[Pair]] | None:
+        """(pairs written in the mapping, pairs merged into it by "<<"), once per node:
+        flattening rewrites the node, and an alias visits the same node again."""
+        if id(node) in self._split_cache:
+            return self._split_cache[id(node)]
+        written = [pair for pair in node.value if pair[0].tag != _MERGE_TAG]
+        merged: list[Pair] = []
+        if len(written) != len(node.value):
+            try:
+                self._constructor.flatten_mapping(node)
+            except yaml.YAMLError as exc:
+                self.problems.append(yaml_problem(exc, self.source.file))
+                return None
+            ids = {id(pair[0]) for pair in written}
+            merged = [pair for pair in node.value if id(pair[0]) not in ids]
+        self._split_cache[id(node)] = (written, merged)
+        return written, merged
 
     def _mapping(self, node: yaml.MappingNode, path: PathKey) -> dict[Any, Any]:
-        try:
-            self._constructor.flatten_mapping(node)  # resolves "<<" merge keys
-        except yaml.YAMLError as exc:
-            self.problems.append(Problem(self._where(node), "", f"YAML: {exc}"))
+        split = self._split(node)
+        if split is None:
+            return {}
+        written, merged = split
         out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = self._scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-            if key is None or isinstance(key, (list, dict)):
-                self.problems.append(
-                    Problem(self._where(key_node), "", "YAML: mapping keys must be plain text")
-                )
+        for key_node, value_node in written:
+            key = self._key(key_node)
+            if key is None:
                 continue
-            if not isinstance(key, (str, int)):
-                key = str(key)
             if key in out:
                 first = self.source.exact((*path, key))
                 also = f" (first at line {first.line})" if first else ""
                 self.problems.append(
                     Problem(
-                        self._where(key_node),
-                        format_path((*path, key)),
-                        f"duplicate key{also}",
+                        self._where(key_node), format_path((*path, key)), f"duplicate key{also}"
                     )
                 )
                 continue
             self.source.add((*path, key), self._where(key_node))
             out[key] = self.build(value_node, (*path, key))
+        # Merged keys ("<<: *defaults") fill in what the mapping does not set itself.
+        for key_node, value_node in merged:
+            key = self._key(key_node)
+            if key is None or key in out:
+                continue
+            self.source.add((*path, key), self._where(key_node))
+            out[key] = self.build(value_node, (*path, key))
         return out
 
-
-def walk_paths(value: Any, path: PathKey = ()) -> Iterator[PathKey]:
-    """Every path in a plain data tree (used by tests and error mapping)."""
-    yield path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from walk_paths(item, (*path, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from walk_paths(item, (*path, i))
+    def _key(self, node: yaml.Node) -> str | int | None:
+        key = self._scalar(node) if isinstance(node, yaml.ScalarNode) else None
+        if key is None or isinstance(key, (list, dict)):
+            self.problems.append(
+                Problem(self._where(node), "", "YAML: mapping keys must be plain text")
+            )
+            return None
+        return key if isinstance(key, (str, int)) else str(key)

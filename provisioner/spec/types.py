@@ -140,18 +140,23 @@ def parse_bmc_url(value: object) -> BmcEndpoint:
         return value
     if not isinstance(value, str) or not value:
         raise ValueError("a BMC endpoint is a URL such as ipmi://10.0.0.5 or redfish+https://bmc1")
-    try:
-        parts = urlsplit(value.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"not a valid BMC URL: {exc}") from None
-    scheme = parts.scheme.lower()
-    if parts.username is not None or parts.password is not None:
-        # Never echo the value: it may hold a password.
+    if "@" in value:
+        # Never echo the value: "user:password@host" in any spelling holds a password.
         raise ValueError(
             "credentials are not allowed in a BMC URL; set bmc.username and bmc.password "
             "(a reference such as env:BMC_PASSWORD)"
         )
+    value = value.strip()
+    if "://" not in value and _HOST_RE.match(value.split(":")[0]):
+        raise ValueError(
+            f"{value!r} has no scheme: write ipmi://{value} or redfish+https://{value}"
+        )
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid BMC URL: {exc}") from None
+    scheme = parts.scheme.lower()
     if scheme == "ipmi":
         protocol: BmcProtocol = "ipmi"
         if parts.path not in ("", "/"):
