@@ -1,0 +1,150 @@
+"""provisioner's benchmarks: `python benchmarks/run.py` prints a markdown table.
+
+Each row names what was measured, the figure, the goal the issue set, and how it was taken.
+Timings are wall-clock medians on this machine; the synthetic fleets come from fleetgen.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.fleetgen import write_fleet  # noqa: E402
+from provisioner.render import render_fleet, write_tree  # noqa: E402
+from provisioner.spec import load_fleet  # noqa: E402
+
+
+@dataclass
+class Row:
+    name: str
+    value: str
+    goal: str
+    notes: str
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def _timed(action: Callable[[], object], repeat: int) -> list[float]:
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def spec_rows(work: Path, nodes: int, repeat: int) -> list[Row]:
+    spec = write_fleet(work / f"fleet-{nodes}", nodes)
+    workers = os.cpu_count() or 1
+    outputs = iter(range(1000))
+
+    def validate_and_render() -> None:
+        out = work / f"out-{next(outputs)}"
+        fleet = load_fleet(spec)
+        write_tree(render_fleet(fleet, b"benchmark-callback-key-0123456789", workers), out)
+
+    cold = _timed(validate_and_render, repeat)
+    last = work / "out-rerender"
+    fleet = load_fleet(spec)
+    write_tree(render_fleet(fleet, b"benchmark-callback-key-0123456789", workers), last)
+
+    def rerender() -> None:
+        fleet = load_fleet(spec)
+        report = write_tree(
+            render_fleet(fleet, b"benchmark-callback-key-0123456789", workers), last
+        )
+        assert not report.written and not report.changed
+
+    warm = _timed(rerender, repeat)
+    validate = _timed(lambda: load_fleet(spec), repeat)
+
+    def cli() -> None:
+        out = work / f"out-cli-{next(outputs)}"
+        subprocess.run(
+            [sys.executable, "-m", "provisioner", "render", str(spec), "--out", str(out)],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+    cli_samples = _timed(cli, repeat)
+    files = sum(1 for p in (work / "out-rerender").rglob("*") if p.is_file())
+    rows = [
+        Row(
+            f"validate+render {nodes} nodes",
+            f"{_median(cold):.2f} s",
+            "<= 2 s",
+            f"in-process load + render + write {files} files to a new folder, "
+            f"median of {repeat}, {workers} workers",
+        ),
+        Row(
+            f"validate {nodes} nodes",
+            f"{_median(validate):.2f} s",
+            "",
+            "YAML + CSV manifests + models + cross-checks",
+        ),
+        Row(
+            f"re-render {nodes} nodes, nothing changed",
+            f"{_median(warm):.2f} s",
+            "",
+            "compares every file, writes none",
+        ),
+        Row(
+            f"`provisioner render` CLI {nodes} nodes",
+            f"{_median(cli_samples):.2f} s",
+            "",
+            "whole command in a new process (imports included)",
+        ),
+    ]
+    inventory = last / "ansible" / "inventory.yml"
+    ansible = shutil.which("ansible-inventory") or str(
+        Path(sys.executable).parent / "ansible-inventory"
+    )
+    if Path(ansible).exists():
+        start = time.perf_counter()
+        subprocess.run(
+            [ansible, "-i", str(inventory), "--list"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "ANSIBLE_LOCAL_TEMP": str(work / "ansible-tmp")},
+        )
+        rows.append(
+            Row(
+                f"`ansible-inventory --list` on the rendered {nodes}-node inventory",
+                f"{time.perf_counter() - start:.2f} s",
+                "(for comparison)",
+                "ansible-core reading our rendered YAML inventory + group_vars, one run",
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="provisioner-bench-") as folder:
+        rows = spec_rows(Path(folder), args.nodes, args.repeat)
+    print("| benchmark | result | goal | how |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row.name} | {row.value} | {row.goal} | {row.notes} |")
+
+
+if __name__ == "__main__":
+    main()
