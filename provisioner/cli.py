@@ -19,7 +19,7 @@ from provisioner import __version__
 from provisioner.errors import ProvisionerError, SecretError, SpecError
 from provisioner.render import render_fleet, write_tree
 from provisioner.render.inventory import build_inventory
-from provisioner.render.writer import callback_key, check_target
+from provisioner.render.writer import MIN_CALLBACK_KEY, callback_key, check_target
 from provisioner.spec import Fleet, load_fleet
 
 app = typer.Typer(
@@ -107,6 +107,11 @@ def render(
     check_target(out)
     ref = fleet.document.boot.callback_key
     key = ref.resolve(fleet.base_dir).encode() if ref is not None else callback_key(out)
+    if len(key) < MIN_CALLBACK_KEY:
+        raise SecretError(
+            f"the callback key from {ref} is {len(key)} characters; use {MIN_CALLBACK_KEY} or "
+            "more random ones (e.g. openssl rand -hex 32)"
+        )
     report = write_tree(render_fleet(fleet, key, workers=os.cpu_count() or 1), out)
     if output is Output.json:
         typer.echo(

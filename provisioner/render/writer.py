@@ -18,6 +18,7 @@ from provisioner.errors import ProvisionerError
 from provisioner.render.tree import RenderedTree
 
 MANIFEST = ".provisioner-render.json"
+MIN_CALLBACK_KEY = 32  # characters of an install-callback key
 _KEEP = {MANIFEST, ".callback-key"}
 
 
@@ -146,7 +147,7 @@ def callback_key(out_dir: Path) -> bytes:
         _write_atomic(path, (text + "\n").encode(), mode=0o600)
     except (OSError, UnicodeDecodeError) as exc:
         raise RenderTargetError(f"cannot read the callback key {path}: {exc}") from exc
-    if len(text) < 32:
+    if len(text) < MIN_CALLBACK_KEY:
         raise RenderTargetError(f"the callback key in {path} is too short; delete it to make one")
     return text.encode()
 

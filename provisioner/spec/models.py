@@ -107,7 +107,7 @@ class Ssh(Model):
     @field_validator("user")
     @classmethod
     def _user(cls, value: str) -> str:
-        if not _USER_RE.match(value):
+        if not _USER_RE.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a valid user name: use up to 32 lowercase letters, digits, "
                 "'_' and '-', starting with a letter or '_'"
@@ -233,9 +233,13 @@ class StackRepos(Model):
         if not value.startswith(("http://", "https://", "file://")):
             raise ValueError(f"{value!r} is not an http(s):// or file:// URL")
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name}
+            parsed = list(string.Formatter().parse(value))
         except ValueError as exc:
             raise ValueError(f"bad placeholder in {value!r}: {exc}") from None
+        for _, name, spec, conversion in parsed:
+            if name is not None and (spec or conversion):
+                raise ValueError(f"placeholder {{{name}}} takes no format in {value!r}")
+        fields = {name for _, name, _, _ in parsed if name is not None}
         unknown = fields - {"distro", "arch", "pkg"}
         if unknown:
             raise ValueError(
@@ -311,6 +315,7 @@ class Bmc(Model):
 # --------------------------------------------------------------------------- racks and nodes
 
 _NAME_FIELDS = {"index", "rack"}
+_INDEX_FORMAT = r"0?[1-9]d?"  # {index}, {index:3d}, {index:03d}
 
 
 class NodeSpec(Model):
@@ -355,19 +360,23 @@ class NodeRange(Model):
     @field_validator("name")
     @classmethod
     def _pattern(cls, value: str) -> str:
+        shown = value[:80]
         try:
-            fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+            parsed = list(string.Formatter().parse(value))
         except ValueError as exc:
-            raise ValueError(f"bad name pattern {value!r}: {exc}") from None
-        if "index" not in [f.split(":")[0].split("!")[0] for f in fields]:
-            raise ValueError(f"name pattern {value!r} needs {{index}}, e.g. gpu-r01-{{index:02d}}")
-        unknown = {f for f in fields if f not in _NAME_FIELDS}
-        if unknown:
-            raise ValueError(f"name pattern {value!r} may use only {{index}} and {{rack}}")
-        try:
-            value.format(index=1, rack="r")
-        except (ValueError, KeyError, IndexError) as exc:
-            raise ValueError(f"bad name pattern {value!r}: {exc}") from None
+            raise ValueError(f"bad name pattern {shown!r}: {exc}") from None
+        fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+        if any(name not in _NAME_FIELDS for name, _, _ in fields):
+            raise ValueError(f"name pattern {shown!r} may use only {{index}} and {{rack}}")
+        if "index" not in [name for name, _, _ in fields]:
+            raise ValueError(f"name pattern {shown!r} needs {{index}}, e.g. gpu-r01-{{index:02d}}")
+        for name, spec, conversion in fields:
+            allowed = _INDEX_FORMAT if name == "index" else ""
+            if conversion or (spec and not re.fullmatch(allowed or "(?!)", spec)):
+                raise ValueError(
+                    f"name pattern {shown!r}: {{{name}}} takes "
+                    + ("only a zero-padded width, e.g. {index:03d}" if allowed else "no format")
+                )
         return value
 
     @model_validator(mode="after")

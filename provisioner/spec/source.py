@@ -25,7 +25,9 @@ PathKey = tuple[str | int, ...]
 Pair = tuple[yaml.Node, yaml.Node]
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MAX_NODES = 2_000_000  # bounds alias expansion ("billion laughs") and absurd documents
+_MAX_NODES = 2_000_000  # bounds absurd documents
+_MAX_ALIASED = 100_000  # values built again through aliases ("billion laughs")
+_MAX_DEPTH = 500  # libyaml's composer recurses in C and can overflow the stack past ~30,000
 _TEXT_TAGS = frozenset({"tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"})
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -130,6 +132,9 @@ def yaml_problem(exc: yaml.YAMLError, name: str, text: str = "") -> Problem:
 def load_yaml_text(text: str, name: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document from ``text``; ``name`` is the file name used in messages."""
     source = SourceMap(name)
+    deep = _too_deep(text)
+    if deep:
+        raise SpecError([Problem(Location(name, deep), "", "YAML: nested too deeply")])
     try:
         loader = _Loader(text)
         try:
@@ -152,6 +157,28 @@ def load_yaml_text(text: str, name: str) -> tuple[Any, SourceMap]:
     return value, source
 
 
+def _too_deep(text: str) -> int:
+    """The line where flow nesting or indentation goes past what any spec needs (0 if none).
+    A cheap over-estimate (quotes are not skipped): it only has to stop what would crash
+    libyaml, and no real spec comes near."""
+    if text.count("[") + text.count("{") > _MAX_DEPTH:
+        depth = 0
+        line = 1
+        for char in text:
+            if char in "[{":
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    return line
+            elif char in "]}":
+                depth = max(0, depth - 1)
+            elif char == "\n":
+                line += 1
+    for number, row in enumerate(text.splitlines(), 1):
+        if len(row) - len(row.lstrip(" -")) > 4 * _MAX_DEPTH:
+            return number
+    return 0
+
+
 class _Builder:
     """Turns composed YAML nodes into Python values, recording positions."""
 
@@ -161,6 +188,9 @@ class _Builder:
         self._count = 0
         self._constructor = yaml.SafeLoader("")
         self._split_cache: dict[int, tuple[list[Pair], list[Pair]]] = {}
+        self._visited: set[int] = set()
+        self._alias_depth = 0
+        self._aliased = 0
 
     def _where(self, node: yaml.Node) -> Location:
         mark = node.start_mark
@@ -169,9 +199,24 @@ class _Builder:
     def build(self, node: yaml.Node, path: PathKey) -> Any:
         self._count += 1
         if self._count > _MAX_NODES:
-            raise SpecError(
-                [Problem(self._where(node), "", "YAML: document too large (alias expansion?)")]
-            )
+            raise SpecError([Problem(self._where(node), "", "YAML: document too large")])
+        if isinstance(node, yaml.CollectionNode):
+            if id(node) in self._visited:  # an alias: its whole subtree is built again
+                self._alias_depth += 1
+                try:
+                    return self._build(node, path)
+                finally:
+                    self._alias_depth -= 1
+            self._visited.add(id(node))
+        return self._build(node, path)
+
+    def _build(self, node: yaml.Node, path: PathKey) -> Any:
+        if self._alias_depth:
+            self._aliased += 1
+            if self._aliased > _MAX_ALIASED:
+                raise SpecError(
+                    [Problem(self._where(node), "", "YAML: aliases expand too far (alias bomb?)")]
+                )
         self.source.add(path, self._where(node))
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
@@ -191,8 +236,16 @@ class _Builder:
             return self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             self.problems.append(yaml_problem(exc, self.source.file))
-        except (ValueError, TypeError, OverflowError) as exc:
-            self.problems.append(Problem(self._where(node), "", f"YAML: {exc}"))
+        except (ValueError, TypeError, OverflowError, KeyError, AttributeError, IndexError):
+            # PyYAML's constructors fail in many ways on explicitly tagged junk
+            # ("!!bool maybe", "!!int" with no digits).
+            self.problems.append(
+                Problem(
+                    self._where(node),
+                    "",
+                    f"YAML: {str(node.value)[:40]!r} is not a valid {node.tag.rsplit(':', 1)[-1]}",
+                )
+            )
         return None
 
     def _split(self, node: yaml.MappingNode) -> tuple[list[Pair], list[Pair]] | None:

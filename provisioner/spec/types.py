@@ -11,7 +11,7 @@ import binascii
 import os
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -30,7 +30,7 @@ def check_name(value: object) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise ValueError("must be text")
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a valid name: use 1-63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
@@ -58,9 +58,9 @@ def normalize_mac(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("not a MAC address (write it as text, e.g. 'aa:bb:cc:dd:ee:ff')")
     text = value.strip().lower()
-    if len(text) == 17 and _MAC_RE.match(text):
+    if len(text) == 17 and _MAC_RE.fullmatch(text):
         mac = text.replace("-", ":")
-    elif _MAC_RE.match(text) or _MAC_DOTTED_RE.match(text):
+    elif _MAC_RE.fullmatch(text) or _MAC_DOTTED_RE.fullmatch(text):
         digits = text.replace(".", "")
         mac = ":".join(digits[i : i + 2] for i in range(0, 12, 2))
     else:
@@ -124,13 +124,25 @@ class BmcEndpoint:
 
 
 _HOST_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+    r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+    re.ASCII,
 )
+
+
+def _valid_host(host: str) -> bool:
+    if _HOST_RE.fullmatch(host):
+        return True
+    try:
+        IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def bmc_at(protocol: BmcProtocol, host: str) -> BmcEndpoint:
     """A BMC at a bare host name or IPv4 address on the protocol's default port."""
-    if not _HOST_RE.match(host):
+    if not _HOST_RE.fullmatch(host):
         raise ValueError(f"{host!r} is not a host name or IPv4 address")
     return BmcEndpoint(protocol, host, _DEFAULT_PORTS[protocol])
 
@@ -147,7 +159,7 @@ def parse_bmc_url(value: object) -> BmcEndpoint:
             "(a reference such as env:BMC_PASSWORD)"
         )
     value = value.strip()
-    if "://" not in value and _HOST_RE.match(value.split(":")[0]):
+    if "://" not in value and _HOST_RE.fullmatch(value.split(":")[0]):
         raise ValueError(
             f"{value!r} has no scheme: write ipmi://{value} or redfish+https://{value}"
         )
@@ -171,6 +183,10 @@ def parse_bmc_url(value: object) -> BmcEndpoint:
         )
     if not parts.hostname:
         raise ValueError(f"{value!r} has no host")
+    if not _valid_host(parts.hostname):
+        raise ValueError(f"{value!r}: {parts.hostname!r} is not a host name or IP address")
+    if port == 0:
+        raise ValueError(f"{value!r}: port 0 is not a port a BMC listens on")
     if parts.query or parts.fragment:
         raise ValueError(f"{value!r}: a BMC URL takes no query or fragment")
     system = parts.path.rstrip("/") or None
@@ -235,7 +251,7 @@ def parse_secret_ref(value: object) -> SecretRef:
         return value
     if isinstance(value, str):
         text = value.strip()
-        env = _ENV_RE.match(text)
+        env = _ENV_RE.fullmatch(text)
         if env:
             return SecretRef("env", env.group(1))
         if text.startswith("file:") and len(text) > len("file:"):
@@ -258,8 +274,8 @@ Secret = Annotated[
 
 # --------------------------------------------------------------------------- versions
 
-_DRIVER_RE = re.compile(r"^\d{3}\.\d{1,3}(\.\d{1,3})?$")
-_DOTTED_RE = re.compile(r"^\d+(\.\d+){0,3}(-\d+)?$")
+_DRIVER_RE = re.compile(r"^[0-9]{3}\.\d{1,3}(\.\d{1,3})?$", re.ASCII)
+_DOTTED_RE = re.compile(r"^\d+(\.\d+){0,3}(-\d+)?$", re.ASCII)
 
 
 def _as_text(value: object) -> str:
@@ -276,14 +292,14 @@ def _as_text(value: object) -> str:
 
 def _check_driver_version(value: object) -> str:
     text = _as_text(value)
-    if not _DRIVER_RE.match(text):
+    if not _DRIVER_RE.fullmatch(text):
         raise ValueError(f"{text!r} is not an NVIDIA driver version (like 570.133.20)")
     return text
 
 
 def _check_version(value: object) -> str:
     text = _as_text(value)
-    if not _DOTTED_RE.match(text):
+    if not _DOTTED_RE.fullmatch(text):
         raise ValueError(f"{text!r} is not a version (digits and dots, like 1.17.5)")
     return text
 
@@ -341,7 +357,7 @@ SshPublicKey = Annotated[str, BeforeValidator(_check_ssh_key)]
 
 # --------------------------------------------------------------------------- counts or percents
 
-_PERCENT_RE = re.compile(r"^(\d{1,3}(?:\.\d+)?)\s*%$")
+_PERCENT_RE = re.compile(r"^(\d{1,3}(?:\.\d+)?)\s*%$", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +391,7 @@ def parse_count_or_percent(value: Any) -> CountOrPercent:
         text = value.strip()
         if text.isdigit():
             return parse_count_or_percent(int(text))
-        match = _PERCENT_RE.match(text)
+        match = _PERCENT_RE.fullmatch(text)
         if match:
             percent = float(match.group(1))
             if not 0 < percent <= 100:
@@ -398,7 +414,11 @@ def ipv4_int(text: str) -> int | None:
         return None
     number = 0
     for part in parts:
-        if not part.isdigit() or len(part) > 3 or (len(part) > 1 and part[0] == "0"):
+        if (
+            not (part.isascii() and part.isdigit())
+            or len(part) > 3
+            or (len(part) > 1 and part[0] == "0")
+        ):
             return None
         octet = int(part)
         if octet > 255:
