@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provisioner.gcpause import paused
 from provisioner.render.boot import BootRenderer
 from provisioner.render.environment import make_environment
 from provisioner.render.inventory import build_inventory
@@ -36,7 +37,7 @@ def render_fleet(fleet: Fleet, callback_key: bytes, workers: int = 1) -> Rendere
         "change the spec and render again."
     )
     boot = BootRenderer(fleet, env, callback_key, header)
-    with NodeFiles(boot, fleet.nodes, workers) as node_files:  # children start now, if any
+    with paused(), NodeFiles(boot, fleet.nodes, workers) as node_files:  # children fork now
         tree = RenderedTree()
         _ansible(tree, fleet, env, header)
         tree.add("dnsmasq/dnsmasq.conf", boot.dnsmasq())

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from provisioner.errors import Location, Problem, SpecError
+from provisioner.gcpause import paused
 from provisioner.spec.checks import Checker, did_you_mean
 from provisioner.spec.expand import Expander
 from provisioner.spec.fleet import Fleet
@@ -32,7 +33,11 @@ _ECHO_INPUT = frozenset(
 
 def load_fleet(path: str | Path) -> Fleet:
     """Load and check a fleet spec; raise :class:`SpecError` listing every problem."""
-    spec_path = Path(path)
+    with paused():
+        return _load(Path(path))
+
+
+def _load(spec_path: Path) -> Fleet:
     data, source = load_yaml_file(spec_path)
     if not isinstance(data, dict):
         raise SpecError(
