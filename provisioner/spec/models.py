@@ -23,11 +23,13 @@ from pydantic import (
 )
 
 from provisioner.spec.types import (
+    Address,
     BmcUrl,
     CountPercent,
     DriverVersion,
     MacAddress,
     Name,
+    Network,
     Secret,
     SshPublicKey,
     Version,
@@ -48,8 +50,8 @@ class Metadata(Model):
 
 
 class DhcpRange(Model):
-    start: IPv4Address
-    end: IPv4Address
+    start: Address
+    end: Address
     lease: str = "12h"
 
     @model_validator(mode="after")
@@ -63,9 +65,9 @@ class DhcpRange(Model):
 
 
 class ProvisioningNetwork(Model):
-    cidr: IPv4Network
-    gateway: IPv4Address
-    dns: tuple[IPv4Address, ...] = ()
+    cidr: Network
+    gateway: Address
+    dns: tuple[Address, ...] = ()
     domain: str | None = None
     dhcp_range: DhcpRange | None = None
     interface: str | None = Field(
@@ -87,8 +89,8 @@ class ProvisioningNetwork(Model):
 
 
 class BmcNetwork(Model):
-    cidr: IPv4Network
-    gateway: IPv4Address | None = None
+    cidr: Network
+    gateway: Address | None = None
     dhcp: bool = Field(default=False, description="also serve BMC addresses from the manifest")
 
 
@@ -320,7 +322,7 @@ _INDEX_FORMAT = r"0?[1-9]d?"  # {index}, {index:3d}, {index:03d}
 
 class NodeSpec(Model):
     name: Name
-    ip: IPv4Address
+    ip: Address
     mac: MacAddress
     bmc: BmcUrl
     serial: str | None = None
@@ -344,7 +346,7 @@ class NodeRange(Model):
     name: str = Field(description="pattern with {index}, e.g. gpu-r01-{index:02d}")
     count: int = Field(ge=1, le=100_000)
     first_index: int = Field(default=1, ge=0)
-    first_ip: IPv4Address
+    first_ip: Address
     first_bmc: BmcUrl | None = None
     bmc_step: Literal["address", "port"] = "address"
     bmc_protocol: Literal["ipmi", "redfish"] = Field(

@@ -11,7 +11,7 @@ import binascii
 import os
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -405,6 +405,17 @@ CountPercent = Annotated[
     BeforeValidator(parse_count_or_percent),
     PlainSerializer(lambda v: str(v) if v.percent else int(v.value), return_type=str | int),
 ]
+
+
+def _address_text(value: object) -> object:
+    """Addresses are written as text: YAML's 167772161 or true is never meant as one."""
+    if isinstance(value, (bool, int, float)):
+        raise ValueError(f"write the address as text, e.g. '10.0.0.1', not {value!r}")
+    return value
+
+
+Address = Annotated[IPv4Address, BeforeValidator(_address_text)]
+Network = Annotated[IPv4Network, BeforeValidator(_address_text)]
 
 
 def ipv4_int(text: str) -> int | None:
