@@ -67,7 +67,25 @@ class SecretError(ProvisionerError):
 
 
 class BmcError(ProvisionerError):
-    """A BMC command failed."""
+    """A BMC command failed, with a reason a person can act on:
+
+    * ``unreachable``: nothing answered (no route, no listener, no session could start);
+    * ``auth``: the BMC refused the user name or password;
+    * ``timeout``: the BMC answered once but not to this command in time;
+    * ``unsupported``: the BMC does not implement the request;
+    * ``bmc-error``: the BMC answered with an error of its own (kept in the message).
+
+    Messages come from the BMC or the transport and never hold the password.
+    """
+
+    REASONS = ("unreachable", "auth", "timeout", "unsupported", "bmc-error")
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown BMC error reason {reason!r}")
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{reason}: {message}")
 
 
 class PlaybookFailed(ProvisionerError):

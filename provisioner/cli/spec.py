@@ -1,59 +1,21 @@
-"""The ``provisioner`` command line: parse, call the layer below, print. Nothing else.
-
-Errors raised on purpose (:class:`ProvisionerError`) become one-line messages on stderr and
-exit code 1; no traceback reaches the user. ``--output json`` prints machine-readable results.
-"""
+"""Spec commands: validate, render, inventory (Ansible's dynamic-inventory protocol)."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
 from provisioner import __version__
-from provisioner.errors import ProvisionerError, SecretError, SpecError
+from provisioner.cli.app import Output, OutputOpt, SpecArg, app, count, fail, load
+from provisioner.errors import SecretError, SpecError
 from provisioner.render import render_fleet, write_tree
 from provisioner.render.inventory import build_inventory
 from provisioner.render.writer import MIN_CALLBACK_KEY, callback_key, check_target
 from provisioner.spec import Fleet, load_fleet
-
-app = typer.Typer(
-    name="provisioner",
-    help="Turn a declarative GPU fleet spec into running, validated bare-metal nodes.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-class Output(StrEnum):
-    text = "text"
-    json = "json"
-
-
-SpecArg = Annotated[Path, typer.Argument(help="fleet spec (YAML)", show_default=False)]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text or json")]
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def _load(spec: Path) -> Fleet:
-    fleet = load_fleet(spec)
-    for warning in fleet.warnings:
-        typer.echo(str(warning), err=True)
-    return fleet
-
-
-def _count(number: int, word: str) -> str:
-    return f"{number} {word}{'' if number == 1 else 's'}"
 
 
 def _summary(fleet: Fleet) -> dict[str, Any]:
@@ -91,8 +53,8 @@ def validate(spec: SpecArg, output: OutputOpt = Output.text) -> None:
     for warning in fleet.warnings:
         typer.echo(str(warning), err=True)
     typer.echo(
-        f"{spec}: ok: site {summary['site']}, {_count(summary['racks'], 'rack')}, "
-        f"{_count(summary['nodes'], 'node')}, {_count(summary['gpus'], 'GPU')}"
+        f"{spec}: ok: site {summary['site']}, {count(summary['racks'], 'rack')}, "
+        f"{count(summary['nodes'], 'node')}, {count(summary['gpus'], 'GPU')}"
     )
 
 
@@ -103,7 +65,7 @@ def render(
     output: OutputOpt = Output.text,
 ) -> None:
     """Write the Ansible inventory, dnsmasq, iPXE, autoinstall/kickstart and Terraform files."""
-    fleet = _load(spec)
+    fleet = load(spec)
     check_target(out)
     ref = fleet.document.boot.callback_key
     key = ref.resolve(fleet.base_dir).encode() if ref is not None else callback_key(out)
@@ -127,7 +89,7 @@ def render(
             )
         )
         return
-    typer.echo(f"rendered {_count(len(fleet.nodes), 'node')}: {report.summary()}")
+    typer.echo(f"rendered {count(len(fleet.nodes), 'node')}: {report.summary()}")
 
 
 @app.command()
@@ -138,14 +100,14 @@ def inventory(
 ) -> None:
     """Ansible dynamic inventory: `ansible-inventory -i WRAPPER --list` reads this."""
     if list_ == (host is not None):
-        _fail("give exactly one of --list or --host NAME")
-    built = build_inventory(_load(spec))
+        fail("give exactly one of --list or --host NAME")
+    built = build_inventory(load(spec))
     if list_:
         typer.echo(json.dumps(built.dynamic_list(), sort_keys=True))
         return
     assert host is not None
     if host not in built.host_vars:
-        _fail(f"no host {host!r} in {spec}")
+        fail(f"no host {host!r} in {spec}")
     typer.echo(json.dumps(built.merged_vars(host), sort_keys=True))
 
 
@@ -153,21 +115,3 @@ def inventory(
 def version() -> None:
     """Print provisioner's version."""
     typer.echo(__version__)
-
-
-def main() -> None:
-    try:
-        app()
-    except SpecError as exc:
-        for problem in exc.problems:
-            typer.echo(str(problem), err=True)
-        sys.exit(1)
-    except SecretError as exc:
-        typer.echo(f"error: secret: {exc}", err=True)
-        sys.exit(1)
-    except ProvisionerError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
