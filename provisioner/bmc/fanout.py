@@ -299,7 +299,7 @@ class FanOut:
 
     def _forget(self, target: Target) -> None:
         # Dropped, not logged out: a logout to a BMC that just failed would only wait.
-        self._slot(target.endpoint).clients.pop(target.endpoint.key, None)
+        self._slot(target.endpoint).clients.pop(_client_key(target), None)
 
     def _password(self, target: Target) -> str:
         ref = target.password
