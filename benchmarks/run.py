@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import bmc  # noqa: E402
 from benchmarks.fleetgen import write_fleet  # noqa: E402
 from provisioner.render import render_fleet, write_tree  # noqa: E402
 from provisioner.spec import load_fleet  # noqa: E402
@@ -149,6 +150,23 @@ def spec_rows(work: Path, nodes: int, repeat: int) -> list[Row]:
     return rows
 
 
+def bmc_rows() -> list[Row]:
+    rows = []
+    for figure in bmc.run():
+        goal = "<= 1.5x ideal, <= 10 s" if "64 workers" in figure.name else "(Ironic's default)"
+        rows.append(
+            Row(
+                figure.name,
+                f"{figure.seconds:.2f} s = {figure.ratio:.2f}x ideal ({figure.ideal:.2f} s)"
+                + (f", {figure.failures} failed" if figure.failures else ""),
+                goal,
+                "in-process FanOut; 4 lab BMC server processes; ideal = N / workers x one "
+                "status alone (login + probe + 9 exchanges of 50 ms)",
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=10_000)
@@ -158,11 +176,14 @@ def main() -> None:
         action="store_true",
         help="write renders to the disk's temp folder instead of /dev/shm (memory)",
     )
+    parser.add_argument("--skip-bmc", action="store_true", help="leave out the BMC rows (~80 s)")
     args = parser.parse_args()
     memory = Path("/dev/shm")
     where = None if args.disk or not memory.is_dir() else str(memory)
     with tempfile.TemporaryDirectory(prefix="provisioner-bench-", dir=where) as folder:
         rows = [reference_row(), *spec_rows(Path(folder), args.nodes, args.repeat)]
+        if not args.skip_bmc:
+            rows += bmc_rows()
         print(f"renders written under {folder}", file=sys.stderr)
     print("| benchmark | result | goal | how |")
     print("|---|---|---|---|")

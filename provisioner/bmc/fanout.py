@@ -238,17 +238,20 @@ class FanOut:
             )
 
     def _attempt(self, target: Target, operation: Operation[T]) -> T:
-        """One try within the policy's deadline, holding the BMC's lock."""
+        """One try within the policy's deadline, holding the BMC's lock.
+
+        The command runs in its own thread so that the deadline holds whatever the transport
+        does. A command past its deadline is abandoned: its session is dropped (never reused)
+        and the BMC is free for the retry, which logs in afresh."""
         slot = self._slot(target.endpoint)
-        deadline = time.monotonic() + self.policy.timeout
         if not slot.lock.acquire(timeout=self.policy.timeout):
             raise BmcError("timeout", "an earlier command to this BMC is still running")
-        released = False
         try:
             wait = slot.last_start + self.policy.min_interval - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
             slot.last_start = time.monotonic()
+            deadline = slot.last_start + self.policy.timeout
             client = self._client(slot, target)
             box: dict[str, Any] = {}
             done = threading.Event()
@@ -259,17 +262,14 @@ class FanOut:
                 except BaseException as exc:  # carried back to the waiting thread
                     box["error"] = exc
                 finally:
-                    slot.lock.release()  # held until the command really ends
                     done.set()
 
-            released = True
             threading.Thread(target=call, daemon=True, name=f"bmc-{target.node}").start()
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 slot.clients.pop(_client_key(target), None)  # never reuse a stuck session
                 raise BmcError("timeout", f"no answer within {self.policy.timeout:g} s")
         finally:
-            if not released:
-                slot.lock.release()
+            slot.lock.release()
         error = box.get("error")
         if error is not None:
             if isinstance(error, BmcError):

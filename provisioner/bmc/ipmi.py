@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from pyghmi import exceptions as pyghmi_errors
 from pyghmi.ipmi import command as ipmi_command
+from pyghmi.ipmi.private import session as ipmi_session
 
 from provisioner.bmc.base import (
     BmcClient,
@@ -88,6 +89,49 @@ def classify(error: BaseException, connected: bool) -> BmcError:
     return BmcError("bmc-error", f"{type(error).__name__}: {text}")
 
 
+# Get Channel Authentication Capabilities, outside any session (IPMI v2.0 section 22.13):
+# RMCP header, IPMI 1.5 session header (no auth, session 0), then the message to the BMC
+# (responder 0x20, NetFn App) from remote console 0x81: channel "this one" with the v2.0
+# bit, administrator level. Every IPMI BMC answers it; it is how a login starts.
+_AUTH_CAPS = bytes.fromhex("0600ff07000000000000000000092018c88100388e04b5")
+
+
+def _forget_initting(host: str, username: str, password: str, port: int) -> None:
+    """Work around pyghmi 1.6.19: it files each new session in ``initting_sessions`` under a
+    str key and removes it under a bytes key, so the entry stays. The next login with the
+    same credentials then hangs (if the first session lives), returns a dead session (after
+    a logout) or hides an auth failure. Dropping the entry after every login avoids all three.
+    """
+    initting = getattr(ipmi_session.Session, "initting_sessions", None)
+    if isinstance(initting, dict):
+        initting.pop((host, username, password, port, None), None)
+
+
+def probe(host: str, port: int, timeout: float) -> None:
+    """Fail fast and precisely before a login: ``unreachable`` when the port is closed
+    (ICMP port unreachable) or the host has no route, ``timeout`` when nothing answers."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+    except socket.gaierror as exc:
+        raise BmcError("unreachable", f"cannot resolve the BMC's name: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+            sock.send(_AUTH_CAPS)
+            sock.recv(512)
+        except ConnectionRefusedError:
+            raise BmcError(
+                "unreachable", f"nothing listens on {host}:{port} (port closed)"
+            ) from None
+        except TimeoutError:  # silence: a hung or overloaded BMC, or a dropped network
+            raise BmcError(
+                "timeout", f"no answer from {host}:{port} within {timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise BmcError("unreachable", exc.strerror or str(exc)) from None
+
+
 class IpmiClient(BmcClient):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,6 +149,7 @@ class IpmiClient(BmcClient):
 
     def _session(self) -> Any:
         if self._command is None:
+            probe(self.endpoint.host, self.endpoint.port, min(self.timeout, 5.0))
             try:
                 self._command = ipmi_command.Command(
                     bmc=self.endpoint.host,
@@ -114,6 +159,10 @@ class IpmiClient(BmcClient):
                 )
             except Exception as exc:  # pyghmi raises bare Exception subclasses
                 raise classify(exc, connected=False) from None
+            finally:
+                _forget_initting(
+                    self.endpoint.host, self.username, self._password, self.endpoint.port
+                )
         return self._command
 
     def _call(self, action: Callable[[Any], T]) -> T:

@@ -56,7 +56,7 @@ def classify(error: BaseException, connected: bool) -> BmcError:
         return BmcError("unsupported", str(error) or "not supported by this BMC")
     text = str(error)
     lowered = text.lower()
-    if "401" in lowered or "unauthorized" in lowered or "authentication" in lowered:
+    if any(word in lowered for word in ("401", "unauthorized", "authentication", "access denied")):
         return BmcError("auth", "the BMC refused the user name or password (HTTP 401)")
     if "redfish not ready" in lowered:
         return BmcError("unreachable", "no Redfish service answered")

@@ -1,0 +1,1 @@
+"""The simulated lab rack: fake BMC endpoints, machine containers and their helpers."""
