@@ -90,12 +90,18 @@ class Fleet:
             return profile.nvswitch
         return self.sku(profile).nvswitch_default
 
+    @cached_property
+    def _rack_credentials(self) -> dict[str, tuple[str, SecretRef]]:
+        return {
+            rack.name: (rack.bmc.username, rack.bmc.password)
+            for rack in self.document.racks
+            if rack.bmc is not None
+        }
+
     def bmc_credentials(self, node: Node) -> tuple[str, SecretRef]:
         """The username and password *reference* for a node's BMC (rack override first)."""
-        for rack in self.document.racks:
-            if rack.name == node.rack and rack.bmc is not None:
-                return rack.bmc.username, rack.bmc.password
-        return self.document.bmc.username, self.document.bmc.password
+        fleet_wide = (self.document.bmc.username, self.document.bmc.password)
+        return self._rack_credentials.get(node.rack, fleet_wide)
 
     def select(
         self, racks: Iterable[str] | None = None, patterns: Sequence[str] | None = None
