@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from provisioner.errors import BmcError
 from provisioner.spec.types import BmcEndpoint
+
+T = TypeVar("T")
 
 
 class PowerState(StrEnum):
@@ -167,6 +170,25 @@ class BmcClient(PowerInterface, BootInterface, InventoryInterface):
 
     def __repr__(self) -> str:  # never shows the password
         return f"{type(self).__name__}({self.endpoint.url}, user={self.username!r})"
+
+
+class CommandClient(BmcClient):
+    """What the IPMI and Redfish clients share: pyghmi gives both transports the same
+    ``Command`` API for power state and boot device, reached through ``_call``."""
+
+    @abstractmethod
+    def _call(self, action: Callable[[Any], T]) -> T:
+        """Run ``action(command)`` on the logged-in pyghmi command, errors as BmcError."""
+
+    def get_power_state(self) -> PowerState:
+        state = self._call(lambda c: c.get_power())["powerstate"]
+        return PowerState.ON if state == "on" else PowerState.OFF
+
+    def set_boot_device(
+        self, device: BootDevice, *, persistent: bool = False, uefi: bool = True
+    ) -> None:
+        target = "network" if device is BootDevice.NETWORK else "hd"
+        self._call(lambda c: c.set_bootdev(target, persist=persistent, uefiboot=uefi))
 
 
 def text_or_none(value: object) -> str | None:

@@ -17,8 +17,7 @@ from pyghmi.ipmi import command as ipmi_command
 from pyghmi.ipmi.private import session as ipmi_session
 
 from provisioner.bmc.base import (
-    BmcClient,
-    BootDevice,
+    CommandClient,
     Fru,
     PowerAction,
     PowerState,
@@ -132,7 +131,7 @@ def probe(host: str, port: int, timeout: float) -> None:
             raise BmcError("unreachable", exc.strerror or str(exc)) from None
 
 
-class IpmiClient(BmcClient):
+class IpmiClient(CommandClient):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._command: Any = None
@@ -186,10 +185,6 @@ class IpmiClient(BmcClient):
 
     # ------------------------------------------------------------------ power
 
-    def get_power_state(self) -> PowerState:
-        state = self._call(lambda c: c.get_power())["powerstate"]
-        return PowerState.ON if state == "on" else PowerState.OFF
-
     def set_power(self, action: PowerAction) -> None:
         if action is PowerAction.CYCLE:
             if self.get_power_state() is PowerState.OFF:
@@ -202,14 +197,6 @@ class IpmiClient(BmcClient):
                 raise classify(pyghmi_errors.IpmiException(response["error"]), connected=True)
             return
         self._call(lambda c: c.set_power(_POWER[action]))
-
-    # ------------------------------------------------------------------ boot
-
-    def set_boot_device(
-        self, device: BootDevice, *, persistent: bool = False, uefi: bool = True
-    ) -> None:
-        target = "network" if device is BootDevice.NETWORK else "hd"
-        self._call(lambda c: c.set_bootdev(target, persist=persistent, uefiboot=uefi))
 
     # ------------------------------------------------------------------ inventory
 

@@ -18,8 +18,7 @@ from pyghmi import exceptions as pyghmi_errors
 from pyghmi.redfish import command as redfish_command
 
 from provisioner.bmc.base import (
-    BmcClient,
-    BootDevice,
+    CommandClient,
     Fru,
     PowerAction,
     PowerState,
@@ -87,7 +86,7 @@ def verified_fingerprint(host: str, port: int, ca_bundle: str | None, timeout: f
     return hashlib.sha256(der).hexdigest()
 
 
-class RedfishClient(BmcClient):
+class RedfishClient(CommandClient):
     def __init__(
         self,
         *args: Any,
@@ -115,9 +114,9 @@ class RedfishClient(BmcClient):
 
     def _session(self) -> Any:
         if self._command is None:
-            previous = socket.getdefaulttimeout()
+            # pyghmi's HTTPS connections carry their own 60 s socket timeout; the fan-out's
+            # deadline bounds how long anyone waits for them.
             try:
-                socket.setdefaulttimeout(self.timeout)
                 self._command = redfish_command.Command(
                     bmc=self.endpoint.host,
                     userid=self.username,
@@ -128,8 +127,6 @@ class RedfishClient(BmcClient):
                 )
             except Exception as exc:
                 raise classify(exc, connected=False) from None
-            finally:
-                socket.setdefaulttimeout(previous)
         return self._command
 
     def _call(self, action: Callable[[Any], T]) -> T:
@@ -142,10 +139,6 @@ class RedfishClient(BmcClient):
             raise classify(exc, connected=True) from None
 
     # ------------------------------------------------------------------ power
-
-    def get_power_state(self) -> PowerState:
-        state = self._call(lambda c: c.get_power())["powerstate"]
-        return PowerState.ON if state == "on" else PowerState.OFF
 
     def set_power(self, action: PowerAction) -> None:
         if action is PowerAction.CYCLE:
@@ -167,14 +160,6 @@ class RedfishClient(BmcClient):
         info = self._call(lambda c: c._do_web_request(c.sysurl, cache=False))
         action = info.get("Actions", {}).get("#ComputerSystem.Reset", {})
         return list(action.get("ResetType@Redfish.AllowableValues", []))
-
-    # ------------------------------------------------------------------ boot
-
-    def set_boot_device(
-        self, device: BootDevice, *, persistent: bool = False, uefi: bool = True
-    ) -> None:
-        target = "network" if device is BootDevice.NETWORK else "hd"
-        self._call(lambda c: c.set_bootdev(target, persist=persistent, uefiboot=uefi))
 
     # ------------------------------------------------------------------ inventory
 
