@@ -198,6 +198,14 @@ def _table(
     Console(soft_wrap=True).print(table)
 
 
+def _boot(selection: Selection, device: BootDevice, persistent: bool, output: Output) -> None:
+    title = "pxe" if device is BootDevice.NETWORK else "boot disk"
+    results = _fan_out(selection, ops.boot(device, persistent), output, title)
+    if output is Output.text:
+        _table(results, ["boot"], lambda value: [str(value)])
+    _finish(results, output)
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -251,10 +259,7 @@ def pxe(
     selection = Selection(
         spec, rack, nodes, bmc, user, password_env, insecure, timeout, concurrency
     )
-    results = _fan_out(selection, ops.boot(BootDevice.NETWORK, persistent), output, "pxe")
-    if output is Output.text:
-        _table(results, ["boot"], lambda value: [str(value)])
-    _finish(results, output)
+    _boot(selection, BootDevice.NETWORK, persistent, output)
 
 
 @bmc_app.command("boot-disk")
@@ -275,10 +280,7 @@ def boot_disk(
     selection = Selection(
         spec, rack, nodes, bmc, user, password_env, insecure, timeout, concurrency
     )
-    results = _fan_out(selection, ops.boot(BootDevice.DISK, persistent), output, "boot disk")
-    if output is Output.text:
-        _table(results, ["boot"], lambda value: [str(value)])
-    _finish(results, output)
+    _boot(selection, BootDevice.DISK, persistent, output)
 
 
 @bmc_app.command()
