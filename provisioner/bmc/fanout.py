@@ -94,6 +94,9 @@ class Result(Generic[T]):
     message: str | None = None
     attempts: int = 0
     seconds: float = 0.0
+    # The reason of each failed attempt, in order: "timeout, timeout, auth" tells a flaky
+    # BMC from a plain bad password.
+    history: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -110,6 +113,7 @@ class Result(Generic[T]):
             "message": self.message,
             "attempts": self.attempts,
             "seconds": round(self.seconds, 3),
+            "history": list(self.history),
         }
 
 
@@ -209,11 +213,13 @@ class FanOut:
         policy = self.policy
         begin = time.monotonic()
         attempt = 0
+        history: list[str] = []
         while True:
             attempt += 1
             try:
                 value = self._attempt(target, operation)
             except BmcError as error:
+                history.append(error.reason)
                 if error.reason not in RETRYABLE or attempt > policy.retries:
                     return Result(
                         target.node,
@@ -223,6 +229,7 @@ class FanOut:
                         message=error.message,
                         attempts=attempt,
                         seconds=time.monotonic() - begin,
+                        history=tuple(history),
                     )
                 self._forget(target)  # log in again on the next attempt
                 pause = min(policy.backoff_cap, policy.backoff * 2 ** (attempt - 1))
@@ -235,6 +242,7 @@ class FanOut:
                 value=value,
                 attempts=attempt,
                 seconds=time.monotonic() - begin,
+                history=tuple(history),
             )
 
     def _attempt(self, target: Target, operation: Operation[T]) -> T:

@@ -178,7 +178,7 @@ def test_transient_failures_are_retried_with_backoff(reason: str) -> None:
     ledger = Ledger(failures={"n000": [BmcError(reason, "x"), BmcError(reason, "y")]})
     with _fan(Policy(retries=3, backoff=0.05), ledger) as fan:
         (result,) = fan.run(_targets(1), _status)
-    assert result.ok and result.attempts == 3
+    assert result.ok and result.attempts == 3 and result.history == (reason, reason)
     starts = ledger.starts["n000"]
     assert starts[1] - starts[0] >= 0.05 * 0.5 and starts[2] - starts[1] >= 0.1 * 0.5
     assert ledger.created.count("n000") == 3  # a failed session is dropped, not reused
@@ -197,6 +197,14 @@ def test_retries_run_out_with_the_last_reason() -> None:
     with _fan(Policy(retries=2, backoff=0.01), ledger) as fan:
         (result,) = fan.run(_targets(1), _status)
     assert (result.reason, result.attempts) == ("unreachable", 3)
+    assert result.as_dict()["history"] == ["unreachable"] * 3
+
+
+def test_a_refusal_after_a_timeout_stops_the_retries() -> None:
+    ledger = Ledger(failures={"n000": [BmcError("timeout", "slow"), BmcError("auth", "no")]})
+    with _fan(Policy(retries=5, backoff=0.01), ledger) as fan:
+        (result,) = fan.run(_targets(1), _status)
+    assert (result.reason, result.attempts, result.history) == ("auth", 2, ("timeout", "auth"))
 
 
 def test_a_hung_bmc_times_out_while_the_others_finish() -> None:
