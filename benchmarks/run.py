@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks import bmc  # noqa: E402
+from benchmarks import bmc, boot  # noqa: E402
 from benchmarks.fleetgen import write_fleet  # noqa: E402
 from provisioner.render import render_fleet, write_tree  # noqa: E402
 from provisioner.spec import load_fleet  # noqa: E402
@@ -167,6 +167,21 @@ def bmc_rows() -> list[Row]:
     return rows
 
 
+def boot_rows(work: Path, nodes: int, kernel_bytes: int) -> list[Row]:
+    return [
+        Row(
+            figure.name,
+            figure.value(),
+            f"all {figure.nodes} served, 0 failures",
+            "`provisioner boot serve` in its own process; asyncio raw-socket client in this "
+            "one; each node: iPXE script by MAC, kernel, meta-data + user-data (or kickstart), "
+            "callback with its rendered token; wall time from the first connect to the last "
+            "callback; " + figure.notes(),
+        )
+        for figure in boot.run(work, nodes, (kernel_bytes, 64 << 10))
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=10_000)
@@ -177,6 +192,11 @@ def main() -> None:
         help="write renders to the disk's temp folder instead of /dev/shm (memory)",
     )
     parser.add_argument("--skip-bmc", action="store_true", help="leave out the BMC rows (~80 s)")
+    parser.add_argument("--skip-boot", action="store_true", help="leave out the boot rows (~30 s)")
+    parser.add_argument("--boot-nodes", type=int, default=1000)
+    parser.add_argument(
+        "--boot-kernel-mib", type=float, default=8, help="size of the kernel each node fetches"
+    )
     args = parser.parse_args()
     memory = Path("/dev/shm")
     where = None if args.disk or not memory.is_dir() else str(memory)
@@ -184,6 +204,8 @@ def main() -> None:
         rows = [reference_row(), *spec_rows(Path(folder), args.nodes, args.repeat)]
         if not args.skip_bmc:
             rows += bmc_rows()
+        if not args.skip_boot:
+            rows += boot_rows(Path(folder), args.boot_nodes, int(args.boot_kernel_mib * 2**20))
         print(f"renders written under {folder}", file=sys.stderr)
     print("| benchmark | result | goal | how |")
     print("|---|---|---|---|")

@@ -11,10 +11,10 @@ import typer
 
 from provisioner import __version__
 from provisioner.cli.app import Output, OutputOpt, SpecArg, app, count, fail, load
-from provisioner.errors import SecretError, SpecError
+from provisioner.errors import SpecError
 from provisioner.render import render_fleet, write_tree
 from provisioner.render.inventory import build_inventory
-from provisioner.render.writer import MIN_CALLBACK_KEY, callback_key, check_target
+from provisioner.render.writer import check_target, site_key
 from provisioner.spec import Fleet, load_fleet
 
 
@@ -67,13 +67,7 @@ def render(
     """Write the Ansible inventory, dnsmasq, iPXE, autoinstall/kickstart and Terraform files."""
     fleet = load(spec)
     check_target(out)
-    ref = fleet.document.boot.callback_key
-    key = ref.resolve(fleet.base_dir).encode() if ref is not None else callback_key(out)
-    if len(key) < MIN_CALLBACK_KEY:
-        raise SecretError(
-            f"the callback key from {ref} is {len(key)} characters; use {MIN_CALLBACK_KEY} or "
-            "more random ones (e.g. openssl rand -hex 32)"
-        )
+    key = site_key(fleet, out)
     report = write_tree(render_fleet(fleet, key, workers=os.cpu_count() or 1), out)
     if output is Output.json:
         typer.echo(

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from provisioner import __version__
-from provisioner.errors import ProvisionerError
+from provisioner.errors import ProvisionerError, SecretError
 from provisioner.render.tree import RenderedTree
+from provisioner.spec import Fleet
 
 MANIFEST = ".provisioner-render.json"
 MIN_CALLBACK_KEY = 32  # characters of an install-callback key
@@ -133,6 +134,26 @@ def _write_atomic(target: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(temporary, target)  # noqa: PTH105 - same call as Path.replace
+
+
+def site_key(fleet: Fleet, out_dir: Path, *, create: bool = True) -> bytes:
+    """The install-callback key of a site: the spec's ``boot.callback_key`` reference when it
+    has one, else the key kept in the render folder (made there on first use if ``create``).
+    The renderer signs tokens with it and the boot server checks them with it."""
+    ref = fleet.document.boot.callback_key
+    if ref is not None:
+        key = ref.resolve(fleet.base_dir).encode()
+        if len(key) < MIN_CALLBACK_KEY:
+            raise SecretError(
+                f"the callback key from {ref} is {len(key)} characters; use {MIN_CALLBACK_KEY} "
+                "or more random ones (e.g. openssl rand -hex 32)"
+            )
+        return key
+    if not create and not (out_dir / ".callback-key").is_file():
+        raise RenderTargetError(
+            f"{out_dir} has no callback key: render the spec into it first (provisioner render)"
+        )
+    return callback_key(out_dir)
 
 
 def callback_key(out_dir: Path) -> bytes:
