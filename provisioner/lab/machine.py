@@ -156,6 +156,7 @@ class Machine:
     def _boot_loop(self, device: str) -> None:
         while not self._stopping.is_set():
             self.boots += 1
+            self._on_change(self)
             if device == "network" or not self.installed:
                 status = self._start_and_wait("firmware", self._firmware_script())
                 if self._stopping.is_set():
