@@ -7,8 +7,9 @@ PXE-boots from the boot server, installs, calls back and reboots into its OS. ``
 when every node answers SSH at its own address. ``--blank`` leaves the nodes off with empty
 disks instead: the state a rack arrives in.
 
-``down`` needs nothing but the host: it reads what ``up`` recorded in ``lab.json`` and also
-sweeps namespaces by their ``plab-`` names, so it works after a crash and is safe to repeat.
+``down`` needs nothing but the host: it reads what ``up`` recorded in ``lab.json`` (written
+before anything else is made) and sweeps the site's namespaces by their ``plab-<site>-`` names,
+so it works after a crash of the daemon and is safe to repeat. Other sites are not touched.
 The base image cache is kept (``--purge`` removes it too).
 """
 
@@ -94,6 +95,13 @@ def up(
 
 def _start_daemon(fleet: Fleet, spec: Path, site_dir: Path, base: Path) -> subprocess.Popen[bytes]:
     network = fleet.document.networks.provisioning
+    record = {
+        "site": fleet.document.metadata.site,
+        "spec": str(spec),
+        "pid": None,
+        "bridge": network.interface,
+    }
+    (site_dir / "lab.json").write_text(json.dumps(record) + "\n")  # before anything is made
     log = (site_dir / "daemon.log").open("ab")
     daemon = subprocess.Popen(
         [
@@ -111,17 +119,7 @@ def _start_daemon(fleet: Fleet, spec: Path, site_dir: Path, base: Path) -> subpr
         stderr=log,
         start_new_session=True,
     )
-    (site_dir / "lab.json").write_text(
-        json.dumps(
-            {
-                "site": fleet.document.metadata.site,
-                "spec": str(spec),
-                "pid": daemon.pid,
-                "bridge": network.interface,
-            }
-        )
-        + "\n"
-    )
+    (site_dir / "lab.json").write_text(json.dumps({**record, "pid": daemon.pid}) + "\n")
     assert daemon.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(daemon.stdout, selectors.EVENT_READ)
@@ -202,12 +200,6 @@ def down(site_dir: Path | None = None, *, purge: bool = False, say: Say = print)
     removed: list[str] = []
     for folder in [site_dir] if site_dir is not None else sites():
         removed += _down_site(folder, say)
-    if site_dir is None:  # whatever a crashed lab left with no folder to name it
-        for netns in host.netns_list():
-            if netns.startswith(host.NETNS_PREFIX):
-                host.kill_netns_processes(netns)
-                host.run(["ip", "netns", "delete", netns], check=False)
-                removed.append(f"namespace {netns}")
     if purge and host.cache_root().exists():
         shutil.rmtree(host.cache_root())
         removed.append(f"cache {host.cache_root()}")
