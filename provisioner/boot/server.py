@@ -338,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.read(length)
                 self._reply(HTTPStatus.NOT_FOUND, b"not found\n")
             return
-        node = routed[1]
+        node = _printable(routed[1])  # it lands in logs: no control characters
         if length is None:
             self._callback_event(client, node, 411, "no Content-Length")
             self._refuse_body(HTTPStatus.LENGTH_REQUIRED, b"give the body's Content-Length\n")
@@ -417,3 +417,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _accepted_callback(event: BootEvent) -> bool:
     return event.kind == "callback" and event.accepted
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so a node name from a URL cannot forge a log
+    line; a name the fleet knows is unchanged."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -408,6 +408,19 @@ def test_a_callback_without_the_node_s_token_is_refused(
     assert server.wait_for_callback(target, after=started, timeout=0.3) is None
 
 
+def test_a_node_name_with_a_newline_cannot_forge_a_log_line(
+    lab: Site, server: BootServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "gpu-lab-99%0Ainstall%20callback%20from%20gpu-lab-01%20accepted"
+    with caplog.at_level("INFO", logger="provisioner.boot"):
+        reply = callback(server, forged, "0" * 32)
+    assert reply.status == 403
+    (event,) = events_after(server, 1)
+    assert event.node is not None and "\n" not in event.node and "\\n" in event.node
+    (record,) = [r for r in caplog.records if "callback" in r.getMessage()]
+    assert "\n" not in record.getMessage() and record.getMessage().endswith("unknown node")
+
+
 @pytest.mark.parametrize(
     "path", ["/ipxe/boot.ipxe", "/callback/", "/callback/gpu-lab-01/extra", "/elsewhere"]
 )
