@@ -186,7 +186,10 @@ def test_event_log_lists_and_clears(sims: list[IpmiSim], run_cli: RunCli, tmp_pa
     assert events and any("temp" in (e["component"] + e["event"]).lower() for e in events)
     sim.set_temperature(45)
     cleared = run_cli("bmc", "sel", spec, "--clear", "-o", "json", env=_env(sim))
-    assert cleared.returncode == 0 and _by_node(cleared.stdout)["n01"]["value"]
+    row = _by_node(cleared.stdout)["n01"]
+    # The clear returns what it cleared. On a loaded machine a first attempt may clear and
+    # then miss its deadline; the retry then finds the log already empty.
+    assert cleared.returncode == 0 and (row["value"] or "timeout" in row["history"]), row
     after = run_cli("bmc", "sel", spec, "-o", "json", env=_env(sim))
     assert _by_node(after.stdout)["n01"]["value"] == []
     assert (
