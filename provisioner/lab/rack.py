@@ -3,7 +3,8 @@
 For the nodes of a fleet spec it makes the provisioning switch (a bridge holding the gateway
 address) and each node's network namespace; renders the spec; serves the boot server and the
 lab apt repository on the gateway address; writes each node's simulated GPUs; and answers
-each node's BMC on loopback, whose power and boot override drive the node's :class:`Machine`.
+each node's BMC on loopback (IPMI: :mod:`ipmi_bmc`; Redfish: :mod:`redfish_bmc`), whose power
+and boot override drive the node's :class:`Machine`.
 The rack's live state is kept in ``status.json`` in the site folder, rewritten on each change.
 """
 
@@ -24,6 +25,7 @@ from provisioner.lab.bmc_state import MachineState, PowerAction
 from provisioner.lab.host import LabError
 from provisioner.lab.ipmi_bmc import BmcFarm
 from provisioner.lab.machine import Machine, Wiring
+from provisioner.lab.redfish_bmc import RedfishFarm, RedfishSystem
 from provisioner.render import render_fleet, write_tree
 from provisioner.render.writer import site_key
 from provisioner.spec import Fleet, Node
@@ -50,15 +52,13 @@ class LabRack:
         self.render_dir = site_dir / "render"
         self.machines: dict[str, Machine] = {}
         self.bmc_states: dict[str, MachineState] = {}
+        self.redfish_systems: dict[str, RedfishSystem] = {}
         self._farm: BmcFarm | None = None
+        self._redfish = RedfishFarm(site_dir / "redfish", on_change=self.write_status)
         self._boot: boot.BootServer | None = None
         self._repo: aptrepo.RepoServer | None = None
         self._status_lock = threading.Lock()
         for node in fleet.nodes:
-            if node.bmc.protocol != "ipmi":
-                raise LabError(
-                    f"{node.name}: the lab answers IPMI BMCs only so far; {node.bmc.url} is Redfish"
-                )
             if not node.bmc.host.startswith(_LOOPBACK):
                 raise LabError(f"{node.name}: lab BMCs listen on loopback, not {node.bmc.host}")
 
@@ -82,6 +82,7 @@ class LabRack:
         for node in self.fleet.nodes:
             self._add_node(node)
         self._farm.start()
+        self._redfish.start()
         self.write_status()
 
     def stop(self) -> None:
@@ -95,6 +96,7 @@ class LabRack:
             thread.join(15)
         if self._farm is not None:
             self._farm.stop()
+        self._redfish.stop()
         if self._boot is not None:
             self._boot.stop()
         if self._repo is not None:
@@ -156,7 +158,11 @@ class LabRack:
             chassis_serial=f"LABCH-{node.name}",
         )
 
+        redfish = node.bmc.protocol == "redfish"
+
         def boot_device() -> str:  # a reboot keeps only a persistent override
+            if redfish:
+                return self._redfish.boot_device(self.redfish_systems[node.name])
             return state.boot_device if state.boot_persistent else "default"
 
         machine = Machine(
@@ -170,42 +176,53 @@ class LabRack:
         )
         _write_json(home / "hardware/gpus.json", document)
         (home / "hardware/kmsg").write_text("".join(f"{line}\n" for line in document["kernel_log"]))
+        self.machines[node.name] = machine
+        if redfish:
+            username, secret = self.fleet.bmc_credentials(node)
+            self.redfish_systems[node.name] = self._redfish.add(
+                node.name,
+                node.bmc,
+                (username, secret.resolve(self.fleet.base_dir)),
+                node.mac,
+                on_power=lambda action, device: _run_power(machine, action, device),
+                powered=lambda: machine.powered,
+            )
+            return
 
         def power(state: MachineState, action: PowerAction) -> None:
             self._power(machine, state, action)
 
         state.on_power = power
-        self.machines[node.name] = machine
         self.bmc_states[node.name] = state
         self._farm.add(node.bmc.port, state)
 
     # ------------------------------------------------------------------ events
 
     def _power(self, machine: Machine, state: MachineState, action: PowerAction) -> None:
-        """The BMC's power changes, on the BMC loop thread: hand them to a worker."""
+        """The IPMI BMC's power changes, on the BMC loop thread: hand them to a worker."""
         device = state.last_boot_device or "default"
-        work = {
-            "on": lambda: machine.power_on(device),
-            "off": machine.power_off,
-            "soft": machine.soft_off,
-            "cycle": lambda: machine.reset(device),
-            "reset": lambda: machine.reset(device),
-        }.get(action)
-        if work is not None:
-            threading.Thread(target=work, name=f"power-{machine.name}", daemon=True).start()
+        threading.Thread(
+            target=_run_power,
+            args=(machine, action, device),
+            name=f"power-{machine.name}",
+            daemon=True,
+        ).start()
 
     def _machine_changed(self, machine: Machine) -> None:
         state = self.bmc_states.get(machine.name)
         if state is not None and machine.phase == "off":
             with state.lock:
                 state.power = "off"  # the node powered itself off: the BMC sees it
+        system = self.redfish_systems.get(machine.name)
+        if system is not None and machine.phase == "off":
+            self._redfish.machine_stopped(system)  # the Redfish BMC sees it too
         self.write_status()
 
     def status(self, stopped: bool = False) -> dict[str, Any]:
         nodes = {}
         for node in self.fleet.nodes:
             machine = self.machines.get(node.name)
-            state = self.bmc_states.get(node.name)
+            state = self.bmc_states.get(node.name) or self.redfish_systems.get(node.name)
             nodes[node.name] = {
                 "ip": str(node.ip),
                 "mac": node.mac,
@@ -234,6 +251,18 @@ class LabRack:
     def write_status(self, stopped: bool = False) -> None:
         with self._status_lock:
             _write_json(self.dir / "status.json", self.status(stopped))
+
+
+def _run_power(machine: Machine, action: PowerAction, device: str) -> None:
+    """Carry out a BMC's power action on a machine (``device``: what an on or reset boots)."""
+    if action == "on":
+        machine.power_on(device)
+    elif action == "off":
+        machine.power_off()
+    elif action == "soft":
+        machine.soft_off()
+    elif action in ("cycle", "reset"):
+        machine.reset(device)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -1,5 +1,6 @@
 """The lab end to end: ``lab up`` of the four-node lab rack, then power, PXE, reboot and
-``lab down`` through the real CLI, real IPMI, real SSH and real machine containers.
+``lab down`` through the real CLI, real IPMI, real SSH and real machine containers. ``lab up``
+installs gpu-lab-04 over its Redfish BMC; test_lab_redfish.py drives that BMC further.
 
 Runs as root only (namespaces, mounts, bridges). The spec is the embedded lab's with its own
 site name, bridge, subnet and ports, so it never touches a lab a developer has up.
@@ -73,6 +74,7 @@ def _spec_text() -> str:
         ("10.200.0.", "10.201.0."),
         ("prov-lab0", "prov-labt0"),
         ("127.0.0.1:900", "127.0.0.1:1910"),
+        ("127.0.0.1:9443", "127.0.0.1:19443"),
         (":8080/", ":18180/"),
         (":8081/", ":18181/"),
     ):
