@@ -43,10 +43,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from provisioner.lab.debbuild import BuiltDeb, DebBuilder, LabRepoError, render_control
-from provisioner.lab.packages import DebPackage, component_packages, unique_packages
 from provisioner.lab.repokey import RepoKey
 from provisioner.render.inventory import all_vars, image_vars, repo_url
 from provisioner.spec import Fleet, load_fleet
+from provisioner.spec.packages import DebPackage, component_packages, unique_packages
 
 KEY_FILE = "provisioner-lab.asc"
 WEB_ROOT = "repo"

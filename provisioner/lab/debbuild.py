@@ -21,7 +21,7 @@ from pathlib import Path
 
 from provisioner.errors import ProvisionerError
 from provisioner.lab.debcontents import DebFile, package_files
-from provisioner.lab.packages import DebPackage
+from provisioner.spec.packages import DebPackage
 
 MAINTAINER = "provisioner lab"
 COMPRESSION = "xz"  # what Ubuntu 24.04 and Debian 12 dpkg both read (not zstd)

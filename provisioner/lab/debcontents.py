@@ -1,7 +1,7 @@
 """What each lab stand-in package contains: tiny, real files, and a note saying what it is.
 
 Every package carries ``/usr/share/doc/<name>/LAB-BUILD``. Beyond that the files depend on the
-package's role (see :class:`provisioner.lab.packages.DebPackage`): the driver's utils package
+package's role (see :class:`provisioner.spec.packages.DebPackage`): the driver's utils package
 installs ``nvidia-smi`` and ``/usr/share/provisioner-lab/driver-version``; the fabric manager
 and DCGM install their systemd units and daemons (which log that they are lab builds and sleep);
 the CUDA toolkit installs ``/usr/local/cuda-X.Y/version.json`` and ``bin/nvcc``; the container
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
-from provisioner.lab.packages import DebPackage, Role, driver_cuda_version, nvcc_version
+from provisioner.spec.packages import DebPackage, Role, driver_cuda_version, nvcc_version
 
 LAB_STATE_FILES = "/usr/share/provisioner-lab"
 DRIVER_VERSION_FILE = f"{LAB_STATE_FILES}/driver-version"

@@ -13,6 +13,7 @@ from typing import Any
 
 from provisioner.spec.fleet import Fleet, Node
 from provisioner.spec.models import Image, Profile, Stack
+from provisioner.spec.packages import component_packages
 from provisioner.spec.types import group_name
 
 GROUP_KINDS = ("rack", "profile", "stack", "image")
@@ -130,6 +131,15 @@ def profile_vars(fleet: Fleet, name: str, profile: Profile) -> dict[str, Any]:
     }
 
 
+_ROLE_PREFIX = {
+    "driver": "nvidia_driver",
+    "fabric_manager": "fabric_manager",
+    "cuda": "cuda_toolkit",
+    "container_toolkit": "nvidia_container_toolkit",
+    "dcgm": "dcgm",
+}
+
+
 def stack_vars(name: str, stack: Stack) -> dict[str, Any]:
     driver = stack.driver
     out: dict[str, Any] = {
@@ -154,6 +164,9 @@ def stack_vars(name: str, stack: Stack) -> dict[str, Any]:
         out["nvidia_container_toolkit_version"] = stack.container_toolkit
     if stack.dcgm is not None:
         out["dcgm_version"] = stack.dcgm
+    # Exact apt pins (name=version) per role, from the one table of NVIDIA's package names.
+    for component, packages in component_packages(stack).items():
+        out[f"{_ROLE_PREFIX[component]}_deb_packages"] = [p.pin for p in packages]
     return out
 
 

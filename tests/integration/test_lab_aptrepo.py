@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from provisioner.lab.aptrepo import KEY_FILE, RepoBuild, RepoServer, build_repo, serve
-from provisioner.lab.packages import stack_packages
 from provisioner.spec import Fleet, load_fleet
+from provisioner.spec.packages import stack_packages
 from tests.conftest import DATA, LAB_SPEC
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from provisioner.lab.packages import (
+from provisioner.spec import load_fleet
+from provisioner.spec.models import Stack
+from provisioner.spec.packages import (
     COMPONENTS,
     DebPackage,
     component_packages,
@@ -21,8 +23,6 @@ from provisioner.lab.packages import (
     stack_packages,
     unique_packages,
 )
-from provisioner.spec import load_fleet
-from provisioner.spec.models import Stack
 from tests.conftest import LAB_SPEC
 
 H100_570 = [

@@ -13,8 +13,8 @@ import pytest
 
 from provisioner.lab.debcontents import DebFile, package_files
 from provisioner.lab.labbin import dcgmi, nvidia_ctk, nvidia_smi
-from provisioner.lab.packages import stack_packages
 from provisioner.spec import load_fleet
+from provisioner.spec.packages import stack_packages
 from tests.conftest import DATA, LAB_SPEC
 
 GPUS = DATA / "lab" / "gpus.json"

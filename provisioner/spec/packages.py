@@ -1,10 +1,11 @@
 """Which Debian packages a software stack installs: NVIDIA's names, versions and relations.
 
 The one place that turns a stack of the spec (driver, fabric manager, CUDA, container toolkit,
-DCGM) into package names and exact version strings. The lab repository (:mod:`.aptrepo`)
-builds stand-ins with exactly these names and versions, and the Ansible roles install, pin and
-hold exactly these, so a playbook run in the lab exercises the same apt operations as on a real
-node. The rules follow NVIDIA's Ubuntu repositories; where they come from:
+DCGM) into package names and exact version strings. The lab repository
+(:mod:`provisioner.lab.aptrepo`) builds stand-ins with exactly these names and versions, and
+the Ansible roles install, pin and hold exactly these (``render`` hands them the pins), so a
+playbook run in the lab exercises the same apt operations as on a real node. The rules follow
+NVIDIA's Ubuntu repositories; where they come from:
 
 * **Driver** (CUDA repo ``developer.download.nvidia.com/compute/cuda/repos/ubuntu2404/x86_64``):
   per branch ``nvidia-driver-<branch>-open`` (open kernel modules) or ``nvidia-driver-<branch>``
