@@ -12,6 +12,7 @@ here, so ``lab down`` can find it all again even when the lab daemon is gone.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import shutil
@@ -21,6 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from provisioner.errors import ProvisionerError
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork, used in the child
+_PR_SET_PDEATHSIG = 1
 
 NETNS_PREFIX = "plab-"
 VETH_PREFIX = "plv"
@@ -70,6 +74,12 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = 60) -> str:
         message = (done.stderr or done.stdout).strip().splitlines()
         raise LabError(f"{' '.join(argv)}: {message[-1] if message else done.returncode}")
     return done.stdout
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for the lab daemon's children (containers, emulators): the kernel kills
+    the child when the daemon dies, so nothing the lab started outlives it."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def have(program: str) -> bool:

@@ -21,7 +21,6 @@ The console (systemd's and the firmware's output) goes to ``console.log`` in the
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import shutil
@@ -33,10 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from provisioner.lab.host import die_with_parent
 from provisioner.lab.installer import MARKER, NO_BOOT, POWER_OFF, REBOOT
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
 SOFT_OFF_GRACE = 60.0
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -202,7 +200,7 @@ class Machine:
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self._set_phase(phase)
         return self._process.wait()
@@ -306,11 +304,6 @@ class Machine:
             f"exec chroot {live} /usr/bin/env -i {PATH} {command}",
         ]
         return "\n".join(lines)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: die with the lab daemon, so no container outlives it."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

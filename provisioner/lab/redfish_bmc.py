@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import datetime
 import ipaddress
 import json
 import logging
 import queue
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -47,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.lab.bmc_state import PowerAction
-from provisioner.lab.host import LabError
+from provisioner.lab.host import LabError, die_with_parent
 from provisioner.spec.types import BmcEndpoint
 
 log = logging.getLogger("provisioner.lab.redfish")
@@ -334,7 +332,7 @@ def _launch(emulator: _Emulator, notify_url: str) -> None:
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
 
@@ -408,11 +406,6 @@ def _write_certificate(cert_path: Path, key_path: Path, host: str) -> None:
         )
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: die with the lab daemon, so no emulator outlives it."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------------- the notification hook
