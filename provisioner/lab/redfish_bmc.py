@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import hashlib
 import ipaddress
 import json
 import logging
@@ -294,7 +295,7 @@ def _launch(emulator: _Emulator, notify_url: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)  # a state left by a crashed lab is stale
     (folder / "state").mkdir(parents=True)
     folder.chmod(0o700)
-    _write_certificate(folder / "cert.pem", folder / "key.pem", emulator.host)
+    write_certificate(folder / "cert.pem", folder / "key.pem", emulator.host)
     # Few bcrypt rounds: the emulator checks the password on every request.
     (folder / "htpasswd").touch(mode=0o600)
     (folder / "htpasswd").write_text(
@@ -372,8 +373,9 @@ def _call(
         pass
 
 
-def _write_certificate(cert_path: Path, key_path: Path, host: str) -> None:
-    """A self-signed certificate for ``host`` (its own CA) and its key, readable by root only."""
+def write_certificate(cert_path: Path, key_path: Path, host: str, days: int = 365) -> str:
+    """A self-signed certificate for ``host`` (its own CA) and its key, readable by root only;
+    returns the SHA-256 fingerprint of the DER certificate, as hex."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -389,7 +391,7 @@ def _write_certificate(cert_path: Path, key_path: Path, host: str) -> None:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(
             x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
             critical=False,
@@ -406,6 +408,7 @@ def _write_certificate(cert_path: Path, key_path: Path, host: str) -> None:
         )
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 # ---------------------------------------------------------------------- the notification hook

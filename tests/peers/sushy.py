@@ -20,9 +20,7 @@ so pyghmi's ``set_bootdev("default")`` fails); boot target starts ``Hdd``; no
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
-import ipaddress
 import shutil
 import subprocess
 import sys
@@ -35,11 +33,8 @@ from typing import Any
 
 import bcrypt
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from provisioner.lab.redfish_bmc import write_certificate
 from tests.peers import LOOPBACK, bounded_command, free_tcp_port, log_tail, stop_process_group
 
 SYSTEMS_PATH = "/redfish/v1/Systems"
@@ -139,35 +134,9 @@ class SushyEmulator:
 
 
 def make_certificate(cert_path: Path, key_path: Path, host: str = LOOPBACK) -> str:
-    """Write a self-signed certificate for ``host`` (IP SAN) and its key; return the
-    SHA-256 fingerprint of the DER certificate, as hex."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    """Write a self-signed certificate for ``host`` (IP SAN), valid two days, and its key;
+    return the SHA-256 fingerprint of the DER certificate, as hex. The lab's own writer."""
+    return write_certificate(cert_path, key_path, host, days=2)
 
 
 def _config(
