@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks import bmc, boot  # noqa: E402
+from benchmarks import bmc, boot, configure  # noqa: E402
 from benchmarks.fleetgen import write_fleet  # noqa: E402
 from provisioner.render import render_fleet, write_tree  # noqa: E402
 from provisioner.spec import load_fleet  # noqa: E402
@@ -182,6 +182,30 @@ def boot_rows(work: Path, nodes: int, kernel_bytes: int) -> list[Row]:
     ]
 
 
+def configure_rows(work: Path, spec: Path | None, key: Path | None, repeat: int) -> list[Row]:
+    name = "orchestrator overhead: `run_playbook` vs plain `ansible-playbook`"
+    goal = "<= 1.1x"
+    if os.geteuid() != 0:
+        return [Row(name, "skipped", goal, "needs the lab, which needs root")]
+    if spec is None or key is None:
+        with configure.own_lab(work) as (spec, key):
+            figure = configure.run(work, spec, key, repeat)
+    else:
+        figure = configure.run(work, spec, key, repeat)
+    return [
+        Row(
+            name,
+            f"{figure.ratio:.2f}x ({_median(figure.runner):.2f} s vs "
+            f"{_median(figure.plain):.2f} s)",
+            goal,
+            f"the same playbook (facts, ping, a command, a stat) and rendered inventory on the "
+            f"{figure.hosts} lab nodes over SSH, same key, forks and Ansible settings; "
+            f"ansible-runner + per-run inventory + ssh-agent + event stream vs the bare "
+            f"command; alternately, median of {repeat} each",
+        )
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=10_000)
@@ -193,6 +217,17 @@ def main() -> None:
     )
     parser.add_argument("--skip-bmc", action="store_true", help="leave out the BMC rows (~80 s)")
     parser.add_argument("--skip-boot", action="store_true", help="leave out the boot rows (~30 s)")
+    parser.add_argument(
+        "--skip-configure",
+        action="store_true",
+        help="leave out the orchestrator-overhead row (lab up + 10 playbook runs, ~1 min)",
+    )
+    parser.add_argument(
+        "--configure-spec",
+        type=Path,
+        help="spec of a lab that is up, for the orchestrator row (default: bring one up)",
+    )
+    parser.add_argument("--configure-key", type=Path, help="SSH key of that lab's nodes")
     parser.add_argument("--boot-nodes", type=int, default=1000)
     parser.add_argument(
         "--boot-kernel-mib", type=float, default=8, help="size of the kernel each node fetches"
@@ -206,6 +241,10 @@ def main() -> None:
             rows += bmc_rows()
         if not args.skip_boot:
             rows += boot_rows(Path(folder), args.boot_nodes, int(args.boot_kernel_mib * 2**20))
+        if not args.skip_configure:
+            rows += configure_rows(
+                Path(folder), args.configure_spec, args.configure_key, args.repeat
+            )
         print(f"renders written under {folder}", file=sys.stderr)
     print("| benchmark | result | goal | how |")
     print("|---|---|---|---|")

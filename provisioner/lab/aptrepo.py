@@ -7,6 +7,10 @@ container-toolkit repositories) at the URL path the stack names. URL templates a
 the Ansible inventory expands them for a node of that image (``{distro}`` ubuntu2404, ``{arch}``
 x86_64, ``{pkg}`` deb). All stacks that name the same URL share one repository, so it holds
 e.g. both the R570 and the R580 driver and playbooks can test upgrades, pins and holds.
+The CUDA repositories also serve the lab build of ``linux-headers-<release>`` for the kernel
+the lab nodes run (the host's, ``kernel``), which the preflight role installs; the container
+toolkit repositories the lab build of Ubuntu's ``containerd``, which the nvidia_container_toolkit
+role installs on a node that lacks the runtime.
 
 Layout under ``dest``::
 
@@ -43,6 +47,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from provisioner.lab.debbuild import BuiltDeb, DebBuilder, LabRepoError, render_control
+from provisioner.lab.debcontents import CONTAINERD, LabPackage, kernel_headers
 from provisioner.lab.repokey import RepoKey
 from provisioner.render.inventory import all_vars, image_vars, repo_url
 from provisioner.spec import Fleet, load_fleet
@@ -63,7 +68,7 @@ class RepoPlan:
 
     url: str  # as nodes see it, e.g. http://10.200.0.1:8081/cuda/ubuntu2404/x86_64/
     path: str  # its folder under the web root, e.g. cuda/ubuntu2404/x86_64
-    packages: tuple[DebPackage, ...]
+    packages: tuple[LabPackage, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +86,12 @@ class RepoBuild:
 # --------------------------------------------------------------------------- planning
 
 
-def plan_repos(fleet: Fleet, host_port: str) -> list[RepoPlan]:
-    """The repositories at ``host_port`` that the fleet's stacks name, with their packages."""
+def plan_repos(fleet: Fleet, host_port: str, kernel: str | None = None) -> list[RepoPlan]:
+    """The repositories at ``host_port`` that the fleet's stacks name, with their packages;
+    the CUDA ones with the headers of kernel ``kernel`` too, when given (and a valid name)."""
     found: dict[str, tuple[str, list[DebPackage]]] = {}
+    cuda_paths: set[str] = set()
+    toolkit_paths: set[str] = set()  # where the lab's containerd stand-in is served too
     doc = fleet.document
     for image_name, image in sorted(doc.images.items()):
         variables = {**all_vars(fleet), **image_vars(image_name, image)}
@@ -99,8 +107,21 @@ def plan_repos(fleet: Fleet, host_port: str) -> list[RepoPlan]:
                 path = local_path(url, host_port)
                 if path is not None:
                     found.setdefault(path, (url, []))[1].extend(packages)
+                    if packages[0].repo == "cuda":
+                        cuda_paths.add(path)
+                    else:
+                        toolkit_paths.add(path)
+    headers = kernel_headers(kernel) if kernel else None
     return [
-        RepoPlan(url, path, tuple(unique_packages(packages)))
+        RepoPlan(
+            url,
+            path,
+            (
+                *unique_packages(packages),
+                *([headers] if headers and path in cuda_paths else []),
+                *([CONTAINERD] if path in toolkit_paths else []),
+            ),
+        )
         for path, (url, packages) in sorted(found.items())
     ]
 
@@ -125,11 +146,20 @@ def local_path(url: str, host_port: str) -> str | None:
 # --------------------------------------------------------------------------- building
 
 
-def build_repo(fleet: Fleet, dest: Path, host_port: str, *, epoch: int | None = None) -> RepoBuild:
-    """Build (or bring up to date) every lab repository at ``host_port`` under ``dest``."""
+def build_repo(
+    fleet: Fleet,
+    dest: Path,
+    host_port: str,
+    *,
+    epoch: int | None = None,
+    kernel: str | None = None,
+) -> RepoBuild:
+    """Build (or bring up to date) every lab repository at ``host_port`` under ``dest``;
+    ``kernel`` is the release whose headers the CUDA repositories serve (default: this host's,
+    which the lab nodes run)."""
     started = time.monotonic()
     when = epoch if epoch is not None else int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
-    plans = plan_repos(fleet, host_port)
+    plans = plan_repos(fleet, host_port, kernel if kernel is not None else os.uname().release)
     if not plans:
         raise LabRepoError(
             f"no stack of {fleet.spec_path} names a repository at http://{host_port}/"
@@ -151,7 +181,10 @@ def build_repo(fleet: Fleet, dest: Path, host_port: str, *, epoch: int | None = 
 
 
 def _build_debs(builder: DebBuilder, plans: Iterable[RepoPlan]) -> dict[tuple[str, str], BuiltDeb]:
-    packages = unique_packages(p for plan in plans for p in plan.packages)
+    listed = [p for plan in plans for p in plan.packages]
+    others = {p for p in listed if not isinstance(p, DebPackage)}  # headers, containerd
+    nvidia = unique_packages(p for p in listed if isinstance(p, DebPackage))
+    packages: list[LabPackage] = [*nvidia, *sorted(others, key=lambda p: p.name)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         built = list(pool.map(builder.build, packages))
     return {(deb.package.name, deb.package.version): deb for deb in built}
@@ -294,10 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dest", type=Path, required=True, help="output folder")
     parser.add_argument("--address", help="HOST:PORT the spec's URLs use (default: the spec's)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="serve the result until Ctrl-C")
+    parser.add_argument("--kernel", help="serve headers of this kernel (default: uname -r)")
     args = parser.parse_args(argv)
     try:
         fleet = load_fleet(args.spec)
-        result = build_repo(fleet, args.dest, args.address or spec_address(fleet))
+        address = args.address or spec_address(fleet)
+        result = build_repo(fleet, args.dest, address, kernel=args.kernel)
     except LabRepoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -20,8 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.errors import ProvisionerError
-from provisioner.lab.debcontents import DebFile, package_files
-from provisioner.spec.packages import DebPackage
+from provisioner.lab.debcontents import (
+    DebFile,
+    KernelHeaders,
+    LabPackage,
+    RuntimeStandIn,
+    package_files,
+)
 
 MAINTAINER = "provisioner lab"
 COMPRESSION = "xz"  # what Ubuntu 24.04 and Debian 12 dpkg both read (not zstd)
@@ -36,13 +41,13 @@ class LabRepoError(ProvisionerError):
 class BuiltDeb:
     """A .deb in the cache, with the facts its ``Packages`` stanza needs."""
 
-    package: DebPackage
+    package: LabPackage
     path: Path
     control: tuple[tuple[str, str], ...]
     built: bool  # False when the cache already held it
 
 
-def control_fields(package: DebPackage, files: list[DebFile]) -> list[tuple[str, str]]:
+def control_fields(package: LabPackage, files: list[DebFile]) -> list[tuple[str, str]]:
     """The DEBIAN/control fields, in Debian's usual order; empty relations left out."""
     installed_kib = sum(max(1, -(-len(f.data) // 1024)) for f in files)
     fields = [
@@ -62,8 +67,21 @@ def control_fields(package: DebPackage, files: list[DebFile]) -> list[tuple[str,
     return [(name, value) for name, value in fields if value]
 
 
-def description(package: DebPackage) -> str:
+def description(package: LabPackage) -> str:
     """Synopsis plus extended lines (each continuation line starts with a space)."""
+    if isinstance(package, KernelHeaders):
+        return (
+            f"LAB BUILD of {package.name} - not a kernel package\n"
+            " Tiny stand-in built by the provisioner lab for the kernel the lab nodes run\n"
+            " (the host's): a note and the modules' build link. It holds no headers."
+        )
+    if isinstance(package, RuntimeStandIn):
+        return (
+            f"LAB BUILD of {package.name} - not the real {package.name}\n"
+            " Tiny stand-in built by the provisioner lab for Ubuntu's package of that name\n"
+            f" ({package.summary}).\n"
+            " Its daemon idles; it runs no containers."
+        )
     return (
         f"LAB BUILD of {package.name} - not NVIDIA software\n"
         f" Tiny stand-in built by the provisioner lab under the name and version of\n"
@@ -83,6 +101,8 @@ def content_key(control: str, files: list[DebFile], epoch: int) -> str:
     for file in files:
         digest.update(f"\0{file.path}\0{file.mode:o}\0{len(file.data)}\0".encode())
         digest.update(file.data)
+        if file.link is not None:
+            digest.update(f"\0->{file.link}\0".encode())
     return digest.hexdigest()
 
 
@@ -96,7 +116,7 @@ class DebBuilder:
         if shutil.which("dpkg-deb") is None:
             raise LabRepoError("dpkg-deb is not installed (Debian package dpkg)")
 
-    def build(self, package: DebPackage) -> BuiltDeb:
+    def build(self, package: LabPackage) -> BuiltDeb:
         files = package_files(package)
         fields = tuple(control_fields(package, files))
         control = render_control(fields)
@@ -115,16 +135,20 @@ class DebBuilder:
         md5sums = "".join(
             f"{hashlib.md5(f.data, usedforsecurity=False).hexdigest()}  {f.path.lstrip('/')}\n"
             for f in files
+            if f.link is None
         )
         staged = [*files, DebFile("/DEBIAN/control", control.encode())]
         staged.append(DebFile("/DEBIAN/md5sums", md5sums.encode()))
         for file in staged:
             path = root / file.path.lstrip("/")
             path.parent.mkdir(parents=True, exist_ok=True)
+            if file.link is not None:
+                path.symlink_to(file.link)
+                continue
             path.write_bytes(file.data)
             path.chmod(file.mode)
         for path in sorted(root.rglob("*"), reverse=True):
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():  # a link's target is the host's path
                 path.chmod(0o755)
             os.utime(path, (self.epoch, self.epoch), follow_symlinks=False)
         root.chmod(0o755)

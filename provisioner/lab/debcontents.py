@@ -2,13 +2,23 @@
 
 Every package carries ``/usr/share/doc/<name>/LAB-BUILD``. Beyond that the files depend on the
 package's role (see :class:`provisioner.spec.packages.DebPackage`): the driver's utils package
-installs ``nvidia-smi`` and ``/usr/share/provisioner-lab/driver-version``; the fabric manager
+installs ``nvidia-smi``, ``nvidia-persistenced`` with its systemd unit and
+``/usr/share/provisioner-lab/driver-version``; the fabric manager
 and DCGM install their systemd units and daemons (which log that they are lab builds and sleep);
 the CUDA toolkit installs ``/usr/local/cuda-X.Y/version.json`` and ``bin/nvcc``; the container
 toolkit ``nvidia-ctk``, ``nvidia-container-cli`` and the runtime hook. The Python tools come from
 :mod:`provisioner.lab.labbin` with their ``@NAME@`` placeholders filled in and run with the
 node's ``python3`` (3.10 or later); the packages do not declare it, so that apt resolves a stack
 from the lab repositories alone. Pure: a package in, its files out.
+
+One lab build is no NVIDIA package: :class:`KernelHeaders`, ``linux-headers-<release>`` for the
+kernel the lab nodes run (the host's, which no repository the nodes reach carries), so that
+the preflight role can install the running kernel's headers as it does on a real node. It holds
+a note and the ``/lib/modules/<release>/build`` link that DKMS builds against; no headers.
+Nor is :data:`CONTAINERD`, a stand-in for Ubuntu's ``containerd`` (which no repository the nodes
+reach carries either), served beside the container toolkit so that the nvidia_container_toolkit
+role can install the runtime a node lacks: a ``containerd`` that idles, its systemd unit, and no
+``/etc/containerd/config.toml`` (Ubuntu's package ships none).
 """
 
 from __future__ import annotations
@@ -23,21 +33,87 @@ from provisioner.spec.packages import DebPackage, Role, driver_cuda_version, nvc
 
 LAB_STATE_FILES = "/usr/share/provisioner-lab"
 DRIVER_VERSION_FILE = f"{LAB_STATE_FILES}/driver-version"
+KERNEL_HEADERS_VERSION = "0~lab1"  # below any distribution's: a real package always wins
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
+_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 
 
 @dataclass(frozen=True, slots=True)
 class DebFile:
-    """One file of a package: absolute path on the node, bytes, permission bits."""
+    """One file of a package: absolute path on the node, bytes, permission bits; or, with
+    ``link``, a symbolic link to that target."""
 
     path: str
     data: bytes
     mode: int = 0o644
+    link: str | None = None
 
 
-def package_files(package: DebPackage) -> list[DebFile]:
+@dataclass(frozen=True, slots=True)
+class KernelHeaders:
+    """The lab build of ``linux-headers-<release>``, for the kernel the lab nodes run."""
+
+    release: str  # ``uname -r``
+    architecture: str = "amd64"
+    depends: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    replaces: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"linux-headers-{self.release}"
+
+    @property
+    def version(self) -> str:
+        return KERNEL_HEADERS_VERSION
+
+    @property
+    def summary(self) -> str:
+        return f"Linux kernel headers for {self.release}"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}_{self.version}_{self.architecture}.deb"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStandIn:
+    """The lab build of a distribution's container runtime package (:data:`CONTAINERD`)."""
+
+    name: str
+    version: str
+    summary: str
+    architecture: str = "amd64"
+    depends: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    replaces: tuple[str, ...] = ()
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}_{self.version}_{self.architecture}.deb"
+
+
+CONTAINERD = RuntimeStandIn("containerd", "0~lab1", "daemon to control runC")
+LabPackage = DebPackage | KernelHeaders | RuntimeStandIn  # what the lab repositories serve
+
+
+def kernel_headers(release: str) -> KernelHeaders | None:
+    """The headers package of kernel ``release``; None when ``linux-headers-<release>`` is no
+    valid Debian package name (a kernel built with capitals or ``_`` in its release)."""
+    package = KernelHeaders(release)
+    return package if _PACKAGE_NAME.fullmatch(package.name) else None
+
+
+def package_files(package: LabPackage) -> list[DebFile]:
     """All files of the lab build of ``package``, sorted by path."""
-    files = [_lab_note(package), *_ROLE_FILES.get(package.role, _nothing)(package)]
+    if isinstance(package, KernelHeaders):
+        files = _kernel_headers(package)
+    elif isinstance(package, RuntimeStandIn):
+        files = _container_runtime(package)
+    else:
+        files = [_lab_note(package), *_ROLE_FILES.get(package.role, _nothing)(package)]
     return sorted(files, key=lambda f: f.path)
 
 
@@ -50,8 +126,22 @@ def _nothing(package: DebPackage) -> list[DebFile]:
 
 def _utils(package: DebPackage) -> list[DebFile]:
     values = {"DRIVER_VERSION": package.upstream, "CUDA_VERSION": _cuda_of(package.upstream)}
+    # nvidia-persistenced and its unit (NVIDIA's packages ship them in nvidia-compute-utils,
+    # which the lab folds into its utils stand-in): the driver role enables and starts it.
+    persistenced = _shell(
+        f'if [ "${{1:-}}" = "--version" ]; then\n'
+        f'  echo "nvidia-persistenced: version {package.upstream}"\n  exit 0\nfi\n'
+        f'echo "LAB BUILD of nvidia-persistenced {package.upstream} (provisioner lab) - not NVIDIA'
+        f' software: no GPU is kept initialised; idling"\nexec sleep infinity\n'
+    )
+    unit = _unit(
+        "NVIDIA Persistence Daemon (LAB BUILD - not NVIDIA software)",
+        "/usr/bin/nvidia-persistenced --verbose",
+    )
     return [
         _tool("/usr/bin/nvidia-smi", "nvidia_smi.py", values),
+        DebFile("/usr/bin/nvidia-persistenced", persistenced, 0o755),
+        DebFile("/lib/systemd/system/nvidia-persistenced.service", unit),
         DebFile(DRIVER_VERSION_FILE, f"{package.upstream}\n".encode()),
     ]
 
@@ -156,6 +246,46 @@ _ROLE_FILES: dict[Role, Callable[[DebPackage], list[DebFile]]] = {
     "libnvidia-container-tools": _container_cli,
     "dcgm-core": _dcgm_core,
 }
+
+
+def _kernel_headers(package: KernelHeaders) -> list[DebFile]:
+    release = package.release
+    folder = f"/usr/src/linux-headers-{release}"
+    note = (
+        "LAB BUILD - not a kernel package.\n\n"
+        f"{package.name} {package.version} is a stand-in built by provisioner's lab\n"
+        "(provisioner.lab.aptrepo) for the kernel the lab nodes run, which is the lab\n"
+        "host's. It lets the preflight role install the running kernel's headers with\n"
+        "real apt. It holds no headers: nothing can be built against it.\n"
+    )
+    return [
+        DebFile(f"{folder}/LAB-BUILD", note.encode()),
+        DebFile(f"/lib/modules/{release}/build", b"", link=folder),
+    ]
+
+
+def _container_runtime(package: RuntimeStandIn) -> list[DebFile]:
+    name, version = package.name, package.version
+    note = (
+        "LAB BUILD - not containerd.\n\n"
+        f"{name} {version} is a stand-in built by provisioner's lab (provisioner.lab.aptrepo)\n"
+        f"for Ubuntu's package of that name: {package.summary}. Its daemon runs no\n"
+        "containers; it idles, so that the nvidia_container_toolkit role can install, start\n"
+        "and restart a container runtime with real apt and systemd.\n"
+    )
+    daemon = _shell(
+        'case "${1:-}" in\n--version|-v)\n'
+        f'  echo "{name} github.com/containerd/containerd {version} (LAB BUILD - not containerd)"\n'
+        "  exit 0 ;;\nesac\n"
+        f'echo "LAB BUILD of {name} {version} (provisioner lab): no containers run; idling"\n'
+        "exec sleep infinity\n"
+    )
+    unit = _unit("containerd container runtime (LAB BUILD - not containerd)", f"/usr/bin/{name}")
+    return [
+        DebFile(f"/usr/share/doc/{name}/LAB-BUILD", note.encode()),
+        DebFile(f"/usr/bin/{name}", daemon, 0o755),
+        DebFile(f"/lib/systemd/system/{name}.service", unit),
+    ]
 
 
 # --------------------------------------------------------------------------- helpers

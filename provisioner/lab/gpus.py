@@ -21,6 +21,10 @@ nvlink_down                one NVLink link in ``nvlink.down``
 silent_data_corruption     ``sdc: true``: GEMM results differ from the reference
 =========================  ==================================================================
 
+A node fault (``secure_boot``: the firmware has Secure Boot on) touches no GPU: it is not in
+``faults`` but in ``platform`` (``{"secure_boot": true}``), which the rack also writes to the
+node's ``/run/provisioner-lab/secureboot`` for the lab's ``mokutil``.
+
 Identities (UUID, serial, PCI addresses) are derived from the node name, so they are stable
 across ``lab up`` runs and distinct across nodes.
 """
@@ -46,7 +50,8 @@ def gpu_document(fleet: Fleet, node: Node) -> dict[str, Any]:
     profile = fleet.profile(node)
     sku = fleet.sku(profile)
     lab = fleet.document.lab
-    faults = lab.faults.get(node.name, ()) if lab is not None else ()
+    every = lab.faults.get(node.name, ()) if lab is not None else ()
+    faults = [f for f in every if not f.node_level]
     gpus = [_gpu(node.name, index, profile.gpu, sku) for index in range(profile.gpus)]
     kernel_log: list[str] = []
     for fault in faults:
@@ -59,6 +64,7 @@ def gpu_document(fleet: Fleet, node: Node) -> dict[str, Any]:
         "architecture": sku.architecture,
         "nvswitch": fleet.nvswitch(profile),
         "faults": [{"kind": f.kind, "gpu": f.gpu} for f in faults],
+        "platform": {"secure_boot": any(f.kind == "secure_boot" for f in every)},
         "gpus": gpus,
         "kernel_log": kernel_log,
     }

@@ -2,9 +2,10 @@
 
 For the nodes of a fleet spec it makes the provisioning switch (a bridge holding the gateway
 address) and each node's network namespace; renders the spec; serves the boot server and the
-lab apt repository on the gateway address; writes each node's simulated GPUs; and answers
-each node's BMC on loopback (IPMI: :mod:`ipmi_bmc`; Redfish: :mod:`redfish_bmc`), whose power
-and boot override drive the node's :class:`Machine`.
+lab apt repository on the gateway address; writes each node's simulated GPUs and its Secure
+Boot state (``secureboot``: ``enabled`` or ``disabled``, what the nodes' ``mokutil`` reads);
+and answers each node's BMC on loopback (IPMI: :mod:`ipmi_bmc`; Redfish: :mod:`redfish_bmc`),
+whose power and boot override drive the node's :class:`Machine`.
 The rack's live state is kept in ``status.json`` in the site folder, rewritten on each change.
 """
 
@@ -176,6 +177,8 @@ class LabRack:
         )
         _write_json(home / "hardware/gpus.json", document)
         (home / "hardware/kmsg").write_text("".join(f"{line}\n" for line in document["kernel_log"]))
+        secure_boot = "enabled" if document["platform"]["secure_boot"] else "disabled"
+        (home / "hardware/secureboot").write_text(f"{secure_boot}\n")
         self.machines[node.name] = machine
         if redfish:
             username, secret = self.fleet.bmc_credentials(node)

@@ -1,6 +1,10 @@
 """The lab nodes' base root filesystem: Debian 12 (debootstrap minbase) with systemd, sshd and
 python3, built once into the cache and shared read-only by every node through overlayfs.
 
+It also holds a lab stand-in for ``mokutil`` (``/usr/bin/mokutil``, where Debian's and RHEL's
+packages put it): ``mokutil --sb-state`` answers from the Secure Boot state the rack gives the
+node (``/run/provisioner-lab/secureboot``), as the real one answers from the firmware.
+
 The build is keyed by what goes into it (suite, packages, the set-up below), made in a
 temporary folder and renamed into place only when complete, under a lock, so an interrupted
 or concurrent build never leaves a half-made base that a later ``lab up`` would trust.
@@ -49,7 +53,22 @@ MASKED = (
     "sys-kernel-config.mount",
     "sys-kernel-debug.mount",
 )
-_SETUP_VERSION = "1"  # bump when _configure changes what it writes
+_SETUP_VERSION = "2"  # bump when _configure changes what it writes
+SECURE_BOOT_FILE = "/run/provisioner-lab/secureboot"
+MOKUTIL = f"""#!/bin/sh
+# LAB STAND-IN for mokutil (provisioner lab), not the real tool: --sb-state reports the
+# simulated Secure Boot state in {SECURE_BOOT_FILE}; nothing else is simulated.
+if [ "$#" -eq 1 ] && [ "$1" = --sb-state ]; then
+  case "$(cat {SECURE_BOOT_FILE} 2>/dev/null)" in
+    enabled) echo "SecureBoot enabled"; exit 0 ;;
+    disabled) echo "SecureBoot disabled"; exit 0 ;;
+  esac
+  echo "EFI variables are not supported on this system" >&2  # as on a legacy BIOS boot
+  exit 1
+fi
+echo "mokutil: lab stand-in (provisioner lab): only --sb-state is simulated" >&2
+exit 1
+"""
 
 
 def base_key() -> str:
@@ -117,6 +136,9 @@ def _configure(root: Path) -> None:
     (root / "etc/provisioner-lab/README").write_text(
         "This is a provisioner lab node: a machine container with simulated GPUs.\n"
     )
+    mokutil = root / "usr/bin/mokutil"
+    mokutil.write_text(MOKUTIL)
+    mokutil.chmod(0o755)
     shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
     (root / "var/cache/apt/archives/partial").mkdir(parents=True)
     (root / ".provisioner-base").write_text(f"{SUITE} {base_key()}\n")

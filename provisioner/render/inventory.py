@@ -7,12 +7,13 @@ never disagree. Stack variables carry the role prefixes of ``playbooks/roles/``.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass, field
 from typing import Any
 
 from provisioner.spec.fleet import Fleet, Node
-from provisioner.spec.models import Image, Profile, Stack
+from provisioner.spec.models import Image, Profile, Rollout, Stack
 from provisioner.spec.packages import component_packages
 from provisioner.spec.types import group_name
 
@@ -99,7 +100,43 @@ def all_vars(fleet: Fleet) -> dict[str, Any]:
     }
     if doc.networks.provisioning.domain:
         out["provisioner_domain"] = doc.networks.provisioning.domain
+    out.update(rollout_vars(doc.rollout, len(fleet.nodes)))
     return out
+
+
+def rollout_vars(rollout: Rollout, nodes: int) -> dict[str, Any]:
+    """The rollout policy as the play keywords of rolling playbooks (driver-upgrade.yml).
+
+    * ``provisioner_rollout_serial``: Ansible's ``serial`` batches, ``[canary,
+      max_unavailable]`` (no canary batch when ``canary`` is 0). A percentage stays one
+      (Ansible takes it of the hosts the run targets, at least 1, as the spec does); a
+      fractional one becomes the count it is of the whole fleet.
+    * ``provisioner_rollout_max_fail_percentage``: Ansible stops the rollout when more than
+      this percentage of a batch fails, so it is ``max_failures`` as a percentage of a full
+      batch (of the whole fleet when ``max_unavailable`` is a percentage: a run on fewer
+      nodes has smaller batches, so it stops sooner, never later). A batch in which every
+      host fails always stops it (Ansible), so a failed canary stops the rollout. Ansible
+      counts failures per batch; the upgrade workflow holds ``max_failures`` over the whole
+      rollout.
+    """
+    steady = rollout.max_unavailable
+    batch: int | str
+    if not steady.percent:
+        batch = int(steady.value)
+    elif steady.value.is_integer():
+        batch = f"{int(steady.value)}%"
+    else:
+        batch = steady.of(nodes)
+    serial: list[int | str] = [rollout.canary, batch] if rollout.canary else [batch]
+    size = max(1, steady.of(nodes))
+    # Rounded up to 1/100 %: exactly max_failures failures in a full batch do not stop it.
+    percentage = min(100.0, math.ceil(10000 * rollout.max_failures / size) / 100)
+    return {
+        "provisioner_rollout_serial": serial,
+        "provisioner_rollout_max_fail_percentage": int(percentage)
+        if percentage.is_integer()
+        else percentage,
+    }
 
 
 def host_vars(node: Node) -> dict[str, Any]:
@@ -158,6 +195,8 @@ def stack_vars(name: str, stack: Stack) -> dict[str, Any]:
     }
     if stack.repos.keyring:
         out["nvidia_repo_keyring_url"] = repo_url(stack.repos.keyring)
+    if stack.repos.key_file:
+        out["nvidia_repo_key_file"] = stack.repos.key_file
     if stack.cuda is not None:
         out["cuda_toolkit_version"] = stack.cuda
     if stack.container_toolkit is not None:

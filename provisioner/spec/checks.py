@@ -278,7 +278,7 @@ class Checker:
                 continue
             gpus = self.doc.profiles[node.profile].gpus if node.profile in self.doc.profiles else 0
             for f, fault in enumerate(faults):
-                if gpus and fault.gpu >= gpus:
+                if gpus and fault.gpu >= gpus and not fault.node_level:
                     self.at(
                         ("lab", "faults", name, f, "gpu"),
                         f"GPU {fault.gpu} does not exist: {name} has {gpus} GPUs (0-{gpus - 1})",

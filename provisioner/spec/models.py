@@ -226,6 +226,12 @@ class StackRepos(Model):
     cuda: str = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}/"
     container_toolkit: str = "https://nvidia.github.io/libnvidia-container/stable/{pkg}/{arch}/"
     keyring: str | None = Field(default=None, description="CUDA keyring URL (default: in repo)")
+    key_file: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="signing key file name inside both repos (a mirror that publishes its own "
+        "key, like the lab's provisioner-lab.asc); default: NVIDIA's key locations",
+    )
 
     @field_validator("cuda", "container_toolkit", "keyring")
     @classmethod
@@ -463,16 +469,24 @@ LabFaultKind = Literal[
     "slow_gpu",
     "nvlink_down",
     "silent_data_corruption",
+    "secure_boot",
 ]
+# Faults of the node itself rather than of one of its GPUs: their ``gpu`` is not used.
+NODE_FAULT_KINDS: frozenset[str] = frozenset({"secure_boot"})
 
 
 class LabFault(Model):
     kind: LabFaultKind
-    gpu: int = Field(default=0, ge=0, le=15)
+    gpu: int = Field(default=0, ge=0, le=15, description="the faulty GPU; unused by node faults")
+
+    @property
+    def node_level(self) -> bool:
+        """A fault of the whole node (``secure_boot``: its firmware has Secure Boot on)."""
+        return self.kind in NODE_FAULT_KINDS
 
 
 class Lab(Model):
-    """The embedded lab: which simulated GPU faults each node carries."""
+    """The embedded lab: which simulated faults (of a GPU, or of the node) each node carries."""
 
     faults: dict[Name, tuple[LabFault, ...]] = Field(default_factory=dict)
 
