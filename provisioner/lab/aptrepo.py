@@ -5,8 +5,9 @@ e.g. ``10.200.0.1:8081``), and every Debian-family image of the fleet, :func:`bu
 builds a *flat* apt repository (``deb [signed-by=KEY] URL /``, the layout of NVIDIA's CUDA and
 container-toolkit repositories) at the URL path the stack names. URL templates are expanded as
 the Ansible inventory expands them for a node of that image (``{distro}`` ubuntu2404, ``{arch}``
-x86_64, ``{pkg}`` deb). All stacks that name the same URL share one repository, so it holds
-e.g. both the R570 and the R580 driver and playbooks can test upgrades, pins and holds.
+x86_64, ``{pkg}`` deb, ``{pkg_arch}`` amd64). All stacks that name the same URL share one
+repository, so it holds e.g. both the R570 and the R580 driver and playbooks can test upgrades,
+pins and holds.
 The CUDA repositories also serve the lab build of ``linux-headers-<release>`` for the kernel
 the lab nodes run (the host's, ``kernel``), which the preflight role installs; the container
 toolkit repositories the lab build of Ubuntu's ``containerd``, which the nvidia_container_toolkit

@@ -24,6 +24,7 @@ _REPO_PLACEHOLDERS = {
     "distro": "{{ provisioner_distro }}",
     "arch": "{{ provisioner_arch }}",
     "pkg": "{{ provisioner_pkg_format }}",
+    "pkg_arch": "{{ provisioner_pkg_arch }}",
 }
 
 
@@ -216,6 +217,8 @@ def image_vars(name: str, image: Image) -> dict[str, Any]:
         "provisioner_os_version": image.version,
         "provisioner_distro": image.distro,
         "provisioner_pkg_format": "deb" if image.os == "ubuntu" else "rpm",
+        # The package manager's name for the architecture: dpkg says amd64, rpm x86_64.
+        "provisioner_pkg_arch": "amd64" if image.os == "ubuntu" else "x86_64",
     }
 
 

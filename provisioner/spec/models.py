@@ -220,11 +220,14 @@ class Driver(Model):
 
 
 class StackRepos(Model):
-    """Package sources; ``{distro}`` (ubuntu2204, rhel9 ...) and ``{arch}`` (x86_64) are
-    filled in per node, so a local mirror with the same layout works."""
+    """Package sources, with placeholders filled in per node so that a local mirror with the
+    same layout works: ``{distro}`` (ubuntu2204, rhel9 ...), ``{arch}`` (NVIDIA's CUDA
+    repository name, x86_64), ``{pkg}`` (deb or rpm) and ``{pkg_arch}`` (the package
+    manager's architecture: amd64 for deb, x86_64 for rpm, as the container toolkit's
+    repository is laid out)."""
 
     cuda: str = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}/"
-    container_toolkit: str = "https://nvidia.github.io/libnvidia-container/stable/{pkg}/{arch}/"
+    container_toolkit: str = "https://nvidia.github.io/libnvidia-container/stable/{pkg}/{pkg_arch}/"
     keyring: str | None = Field(default=None, description="CUDA keyring URL (default: in repo)")
     key_file: str | None = Field(
         default=None,
@@ -248,11 +251,10 @@ class StackRepos(Model):
             if name is not None and (spec or conversion):
                 raise ValueError(f"placeholder {{{name}}} takes no format in {value!r}")
         fields = {name for _, name, _, _ in parsed if name is not None}
-        unknown = fields - {"distro", "arch", "pkg"}
+        unknown = fields - {"distro", "arch", "pkg", "pkg_arch"}
         if unknown:
-            raise ValueError(
-                f"unknown placeholder {sorted(unknown)[0]!r} (known: {{distro}}, {{arch}}, {{pkg}})"
-            )
+            known = "{distro}, {arch}, {pkg}, {pkg_arch}"
+            raise ValueError(f"unknown placeholder {sorted(unknown)[0]!r} (known: {known})")
         return value
 
 

@@ -116,8 +116,8 @@ def test_builds_a_cuda_and_a_container_toolkit_repository(built: tuple[Path, Rep
     assert [(plan.url, plan.path) for plan in build.repos] == [
         ("http://10.200.0.1:8081/cuda/ubuntu2404/x86_64/", "cuda/ubuntu2404/x86_64"),
         (
-            "http://10.200.0.1:8081/libnvidia-container/deb/x86_64/",
-            "libnvidia-container/deb/x86_64",
+            "http://10.200.0.1:8081/libnvidia-container/deb/amd64/",
+            "libnvidia-container/deb/amd64",
         ),
     ]
     for plan in build.repos:

@@ -13,18 +13,15 @@ must be gone and the new ones held, while gpu-lab-01 stays on R570. Moving it ba
 downgrade, made with nvidia_driver_reboot on, so the node reboots once; a last run over both
 nodes changes nothing.
 
-The lab tests need root; the syntax, lint and documentation checks run anywhere. No RHEL host
-exists here, so the RHEL tasks are syntax-checked and linted only.
+The lab needs root (the ``lab_host`` fixture skips otherwise); the syntax, lint and
+documentation checks of the roles are in test_playbooks_static.py, their RHEL tasks'
+check-mode run in test_roles_redhat_check.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,22 +29,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DATA, LAB_SPEC, REPO
+from tests.conftest import DATA
+from tests.integration.labrig import PLAYBOOK_ENV, Lab, Play, lab_spec, running_lab
 
 pytestmark = pytest.mark.integration
 
-SITE = "lp2"
-PASSWORD = "lp2-test-bmc-pw"
+N = 2  # lab lp2
 STAYS, MOVES = "gpu-lab-01", "gpu-lab-02"
 NODES = (STAYS, MOVES)
-IPS = {STAYS: "10.212.0.11", MOVES: "10.212.0.12"}
 PLAYBOOK = DATA / "playbooks" / "driver.yml"
-ROLE_NAMES = ("nvidia_repo", "nvidia_driver", "fabric_manager")
-ROLES = REPO / "playbooks" / "roles"
-ANSIBLE_PLAYBOOK = REPO / ".venv" / "bin" / "ansible-playbook"
-# The lab publishes each repository's key inside it; a render that does not say so yet gets it
-# from the command line (see _key_file_vars).
-LAB_KEY_FILE = "provisioner-lab.asc"
 # The lab's nodes are machine containers sharing this host's kernel: its boot_id never
 # changes, the start time of their own PID 1 does.
 REBOOT_VARS = {
@@ -55,110 +45,15 @@ REBOOT_VARS = {
     "nvidia_driver_reboot_timeout": 300,
     "nvidia_driver_reboot_boot_time_command": "awk '{print $22}' /proc/1/stat",
 }
-SSH_ARGS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
-_RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
-@dataclass
-class Play:
-    rc: int
-    output: str
-    seconds: float
-
-    def recap(self) -> dict[str, dict[str, int]]:
-        """PLAY RECAP counts per host: ok, changed, unreachable, failed."""
-        found = {}
-        for line in self.output.split("PLAY RECAP", 1)[-1].splitlines():
-            match = _RECAP.match(line)
-            if match:
-                ok, changed, unreachable, failed = map(int, match.groups()[1:])
-                found[match.group(1)] = {
-                    "ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed
-                }  # fmt: skip
-        return found
-
-    def assert_changed_nothing(self, hosts: tuple[str, ...] = NODES) -> None:
-        assert self.rc == 0, self.output
-        recap = self.recap()
-        assert set(recap) == set(hosts), self.output
-        assert all(counts["changed"] == 0 for counts in recap.values()), self.output
-
-
-@dataclass
-class Lab:
-    root: Path
-    spec: Path
-    key: Path
-    env: dict[str, str]
-
-    @property
-    def render(self) -> Path:
-        """The render ``lab up`` made (stack h100-570)."""
-        return self.root / "state" / SITE / "render"
-
-    def ssh(self, node: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        options = ["BatchMode=yes", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null",
-                   "ConnectTimeout=5", "LogLevel=ERROR"]  # fmt: skip
-        return subprocess.run(
-            ["ssh", "-i", str(self.key), *[f"-o{o}" for o in options], f"root@{IPS[node]}",
-             command],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )  # fmt: skip
-
-    def play(
-        self, *args: str, render: Path | None = None, extra: dict[str, object] | None = None,
-        timeout: float = 900,
-    ) -> Play:  # fmt: skip
-        render = render or self.render
-        variables = {
-            "ansible_ssh_private_key_file": str(self.key),
-            "ansible_ssh_common_args": SSH_ARGS,
-            **_key_file_vars(render),
-            **(extra or {}),
-        }
-        started = time.monotonic()
-        done = subprocess.run(
-            [str(ANSIBLE_PLAYBOOK), "-i", str(render / "ansible" / "inventory.yml"),
-             "-e", json.dumps(variables), *args, str(PLAYBOOK)],
-            capture_output=True, text=True, env=self.env, timeout=timeout, check=False,
-            cwd=self.root,
-        )  # fmt: skip
-        play = Play(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
-        print(
-            f"ansible-playbook {' '.join(args)} [{render.name}]: rc {play.rc}, {play.seconds:.0f} s"
-        )
-        return play
-
-
-def _key_file_vars(render: Path) -> dict[str, str]:
-    """``nvidia_repo_key_file`` for the lab's repositories, unless the render sets it."""
-    for path in (render / "ansible" / "group_vars").glob("*.yml"):
-        if "nvidia_repo_key_file" in (yaml.safe_load(path.read_text()) or {}):
-            return {}
-    return {"nvidia_repo_key_file": LAB_KEY_FILE}
-
-
-def _spec_text(stack: str = "h100-570") -> str:
-    """The embedded lab's spec with this test's site, addresses and ports, its first two
-    nodes only (both IPMI), no injected faults, and the rack on ``stack``."""
-    text = LAB_SPEC.read_text()
-    for old, new in (
-        ("site: lab\n", f"site: {SITE}\n"),
-        ("10.200.0.", "10.212.0."),
-        ("prov-lab0", "prov-lp2"),
-        ("127.0.0.1:9001", "127.0.0.1:19221"),
-        ("127.0.0.1:9002", "127.0.0.1:19222"),
-        ("127.0.0.1:9003", "127.0.0.1:19223"),
-        ("127.0.0.1:9443", "127.0.0.1:19225"),
-        (":8080/", ":18221/"),
-        (":8081/", ":18222/"),
-        ("    stack: h100-570\n", f"    stack: {stack}\n"),
-    ):
-        assert old in text, old
-        text = text.replace(old, new)
-    head, tail = text.split("      - {name: gpu-lab-03,", 1)
-    text = head + "\n" + tail.split("\n\n", 1)[1]
-    return text.split("\nlab:\n", 1)[0] + "\n"
+def _play(
+    lab: Lab, *args: str, render: Path | None = None, extra: dict[str, object] | None = None
+) -> Play:
+    """The test playbook against ``render``'s inventory (default: the one ``lab up`` made)."""
+    inventory = (render or lab.render) / "ansible" / "inventory.yml"
+    variables = ["-e", json.dumps(extra)] if extra else []
+    return _play(lab, PLAYBOOK, "-i", str(inventory), *variables, *args)
 
 
 @dataclass(frozen=True)
@@ -189,115 +84,22 @@ def _stack(render: Path, name: str) -> Stack:
     )
 
 
-def _cli(lab: Lab, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(REPO / ".venv/bin/provisioner"), *args],
-        capture_output=True, text=True, env=lab.env, timeout=timeout, check=False, cwd=REPO,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
-        pytest.skip("the lab needs root and debootstrap")
+def lab(tmp_path_factory: pytest.TempPathFactory, lab_host: None) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("lp2")
-    spec = root / "fleet.yaml"
-    spec.write_text(_spec_text())
-    key = root / "lab_ed25519"
-    shutil.copy(REPO / "inventories/lab/ssh/lab_ed25519", key)
-    key.chmod(0o600)
-    env = {
-        **os.environ,
-        "PROVISIONER_LAB_DIR": str(root / "state"),
-        "PROVISIONER_LAB_BMC_PASSWORD": PASSWORD,
-        "ANSIBLE_ROLES_PATH": str(ROLES),
-        "ANSIBLE_HOST_KEY_CHECKING": "False",
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(root / "cp"),
-        "ANSIBLE_LOCAL_TEMP": str(root / "tmp"),
-        "ANSIBLE_PIPELINING": "True",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-    }
-    lab = Lab(root, spec, key, env)
-    try:
-        up = _cli(lab, "lab", "up", str(spec), timeout=1200)
-        assert up.returncode == 0, up.stdout + up.stderr
+    with running_lab(root, N, lab_spec(N, nodes=2, faults=""), PLAYBOOK_ENV) as lab:
         yield lab
-    finally:
-        down = _cli(lab, "lab", "down", SITE, timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 @pytest.fixture(scope="module")
 def other_render(lab: Lab) -> Path:
     """A render of the spec copy whose rack is on stack h100-580 (same nodes and addresses)."""
     spec = lab.root / "fleet-580.yaml"
-    spec.write_text(_spec_text("h100-580"))
+    spec.write_text(lab_spec(N, nodes=2, stack="h100-580", faults=""))
     out = lab.root / "render-580"
-    done = _cli(lab, "render", str(spec), "--out", str(out), timeout=120)
+    done = lab.cli("render", str(spec), "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     return out
-
-
-# --------------------------------------------------------------------------- syntax and lint
-
-
-def _syntax_check(playbook: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_NOCOLOR": "1"}
-    return subprocess.run(
-        [str(ANSIBLE_PLAYBOOK), "--syntax-check", "-i", "localhost,", str(playbook)],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
-    )  # fmt: skip
-
-
-def test_the_test_playbook_passes_the_syntax_check() -> None:
-    done = _syntax_check(PLAYBOOK)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.mark.parametrize("family", ["debian", "redhat"])
-@pytest.mark.parametrize("role", ROLE_NAMES)
-def test_each_os_familys_tasks_pass_the_syntax_check(
-    role: str, family: str, tmp_path: Path
-) -> None:
-    playbook = tmp_path / f"{family}.yml"
-    playbook.write_text(
-        f"- name: Syntax of the {role} role's tasks for one OS family\n"
-        "  hosts: all\n  gather_facts: false\n  tasks:\n"
-        f"    - name: Import the {family} tasks\n"
-        "      ansible.builtin.import_role:\n"
-        f"        name: {role}\n        tasks_from: {family}\n"
-    )
-    done = _syntax_check(playbook)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_the_roles_pass_ansible_lint_production_and_ignore_no_error() -> None:
-    for role in ROLE_NAMES:
-        for path in (ROLES / role).rglob("*.yml"):
-            assert "ignore_errors" not in path.read_text(), path
-    lint = REPO / ".venv" / "bin" / "ansible-lint"
-    if not lint.exists():
-        pytest.skip("ansible-lint is not installed in .venv")
-    env = {**os.environ, "PATH": f"{lint.parent}:{os.environ['PATH']}", "NO_COLOR": "1"}
-    done = subprocess.run(
-        [str(lint), "--profile", "production", "--offline",
-         *[f"playbooks/roles/{role}" for role in ROLE_NAMES]],
-        capture_output=True, text=True, env=env, timeout=300, check=False, cwd=REPO,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Profile 'production' was required, and it passed" in done.stdout + done.stderr
-
-
-def test_every_role_variable_is_documented_in_its_argument_specs() -> None:
-    for role in ROLE_NAMES:
-        defaults = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text())
-        specs = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())
-        options = specs["argument_specs"]["main"]["options"]
-        # nvidia_repo also documents nvidia_repo_keyring_url, which only the render may set
-        assert set(defaults) <= set(options), (role, set(defaults) - set(options))
-        assert all(name.startswith(f"{role}_") for name in options), role
-        assert all(option.get("description") for option in options.values()), role
 
 
 # --------------------------------------------------------------------------- in the lab
@@ -323,7 +125,7 @@ def _holds(lab: Lab, node: str) -> set[str]:
 
 
 def _boots(lab: Lab, node: str) -> int:
-    done = _cli(lab, "lab", "status", "-o", "json", timeout=60)
+    done = lab.cli("lab", "status", "-o", "json", timeout=60)
     assert done.returncode == 0, done.stderr
     return int(json.loads(done.stdout)["nodes"][node]["boots"])
 
@@ -368,7 +170,7 @@ def _check_node(lab: Lab, node: str, stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def first_run(lab: Lab) -> Play:
-    play = lab.play()
+    play = _play(lab)
     print(play.output)  # shown with pytest -s
     return play
 
@@ -416,12 +218,12 @@ def test_apt_cannot_move_the_held_driver(lab: Lab, first_run: Play) -> None:
 
 
 def test_a_second_run_changes_nothing(lab: Lab, first_run: Play) -> None:
-    lab.play().assert_changed_nothing()
+    _play(lab).assert_changed_nothing(NODES)
 
 
 @pytest.fixture(scope="module")
 def moved(lab: Lab, first_run: Play, other_render: Path) -> Play:
-    play = lab.play("--limit", MOVES, render=other_render)
+    play = _play(lab, "--limit", MOVES, render=other_render)
     print(play.output)
     return play
 
@@ -441,7 +243,7 @@ def test_a_node_moved_to_the_580_stack_moves_driver_and_fabric_manager_together(
 @pytest.fixture(scope="module")
 def moved_back(lab: Lab, moved: Play) -> tuple[Play, int, int]:
     before = _boots(lab, MOVES)
-    play = lab.play("--limit", MOVES, extra=REBOOT_VARS)
+    play = _play(lab, "--limit", MOVES, extra=REBOOT_VARS)
     print(play.output)
     return play, before, _boots(lab, MOVES)
 
@@ -460,14 +262,14 @@ def test_a_last_run_over_both_nodes_changes_nothing_and_reboots_nothing(
     lab: Lab, moved_back: tuple[Play, int, int]
 ) -> None:
     boots = _boots(lab, MOVES)
-    lab.play(extra=REBOOT_VARS).assert_changed_nothing()
+    _play(lab, extra=REBOOT_VARS).assert_changed_nothing(NODES)
     assert _boots(lab, MOVES) == boots
 
 
 def test_a_check_mode_run_on_converged_nodes_changes_nothing(
     lab: Lab, moved_back: tuple[Play, int, int]
 ) -> None:
-    lab.play("--check", "--diff").assert_changed_nothing()
+    _play(lab, "--check", "--diff").assert_changed_nothing(NODES)
 
 
 def test_the_switches_drop_the_toolkit_repository_and_the_fabric_manager(
@@ -481,7 +283,7 @@ def test_the_switches_drop_the_toolkit_repository_and_the_fabric_manager(
         "nvidia_repo_apt_format": "one_line",
         "fabric_manager_enabled": False,
     }
-    play = lab.play(extra=switches)
+    play = _play(lab, extra=switches)
     assert play.rc == 0, play.output
     stack = _stack(lab.render, "h100-570")
     for node in NODES:
@@ -503,4 +305,4 @@ def test_the_switches_drop_the_toolkit_repository_and_the_fabric_manager(
             "deb [signed-by=/etc/apt/keyrings/nvidia-cuda.asc]"
             " http://10.212.0.1:18222/cuda/ubuntu2404/x86_64/ /\n"
         ) in files.stdout
-    lab.play(extra=switches).assert_changed_nothing()
+    _play(lab, extra=switches).assert_changed_nothing(NODES)

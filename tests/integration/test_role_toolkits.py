@@ -12,118 +12,40 @@ render must report changes and make none; run for real it must move CUDA 12.8 ->
 container toolkit 1.17.5 -> 1.17.8 and DCGM 4.1.1 -> 4.2.3, keep them pinned and held, and
 again change nothing on a further run.
 
-The lab tests need root; the syntax and lint checks run anywhere. No RHEL host exists here, so
-the RHEL tasks are syntax-checked and linted only.
+The lab needs root (the ``lab_host`` fixture skips otherwise); the syntax and lint checks of
+the roles are in test_playbooks_static.py, their RHEL tasks' check-mode run in
+test_roles_redhat_check.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import DATA, LAB_SPEC, REPO
+from tests.conftest import DATA
+from tests.integration.labrig import PLAYBOOK_ENV, Lab, Play, lab_spec, running_lab
 
 pytestmark = pytest.mark.integration
 
-SITE = "lp3"
-PASSWORD = "lp3-test-bmc-pw"
+N = 3  # lab lp3
 CONTAINERD, DOCKER = "gpu-lab-01", "gpu-lab-02"  # by the runtime each gets
 NODES = (CONTAINERD, DOCKER)
-IPS = {CONTAINERD: "10.213.0.11", DOCKER: "10.213.0.12"}
 PLAYBOOK = DATA / "playbooks" / "toolkits.yml"
 ROLE_NAMES = ("cuda_toolkit", "nvidia_container_toolkit", "dcgm")
-ROLES = REPO / "playbooks" / "roles"
-ANSIBLE_PLAYBOOK = REPO / ".venv" / "bin" / "ansible-playbook"
 PIN_VARS = ("cuda_toolkit_deb_packages", "nvidia_container_toolkit_deb_packages",
             "dcgm_deb_packages")  # fmt: skip
 CONTAINERD_NVIDIA = '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nvidia]'
-_RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
-@dataclass
-class Play:
-    rc: int
-    output: str
-    seconds: float
-
-    def recap(self) -> dict[str, dict[str, int]]:
-        """PLAY RECAP counts per host: ok, changed, unreachable, failed."""
-        found = {}
-        for line in self.output.split("PLAY RECAP", 1)[-1].splitlines():
-            match = _RECAP.match(line)
-            if match:
-                ok, changed, unreachable, failed = map(int, match.groups()[1:])
-                found[match.group(1)] = {
-                    "ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed
-                }  # fmt: skip
-        return found
-
-
-@dataclass
-class Lab:
-    root: Path
-    spec: Path
-    key: Path
-    env: dict[str, str]
-
-    @property
-    def inventory(self) -> Path:
-        """The render ``lab up`` made (stack h100-570)."""
-        return self.root / "state" / SITE / "render" / "ansible" / "inventory.yml"
-
-    def ssh(self, node: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        options = ["BatchMode=yes", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null",
-                   "ConnectTimeout=5", "LogLevel=ERROR"]  # fmt: skip
-        return subprocess.run(
-            ["ssh", "-i", str(self.key), *[f"-o{o}" for o in options], f"root@{IPS[node]}",
-             command],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )  # fmt: skip
-
-    def play(self, *args: str, inventory: Path | None = None, timeout: float = 900) -> Play:
-        started = time.monotonic()
-        done = subprocess.run(
-            [str(ANSIBLE_PLAYBOOK), "-i", str(inventory or self.inventory),
-             "--private-key", str(self.key), *args, str(PLAYBOOK)],
-            capture_output=True, text=True, env=self.env, timeout=timeout, check=False,
-            cwd=self.root,
-        )  # fmt: skip
-        play = Play(done.returncode, done.stdout + done.stderr, time.monotonic() - started)
-        print(f"ansible-playbook {' '.join(args)}: rc {play.rc} in {play.seconds:.1f} s")
-        return play
-
-
-def _spec_text(stack: str = "h100-570") -> str:
-    """The embedded lab's spec with this test's site, addresses and ports, its first two
-    nodes only (both IPMI), no injected faults, and the rack on ``stack``."""
-    text = LAB_SPEC.read_text()
-    for old, new in (
-        ("site: lab\n", f"site: {SITE}\n"),
-        ("10.200.0.", "10.213.0."),
-        ("prov-lab0", "prov-lp3"),
-        ("127.0.0.1:9001", "127.0.0.1:19231"),
-        ("127.0.0.1:9002", "127.0.0.1:19232"),
-        ("127.0.0.1:9003", "127.0.0.1:19233"),
-        ("127.0.0.1:9443", "127.0.0.1:19235"),
-        (":8080/", ":18231/"),
-        (":8081/", ":18232/"),
-        ("    stack: h100-570\n", f"    stack: {stack}\n"),
-    ):
-        assert old in text, old
-        text = text.replace(old, new)
-    head, tail = text.split("      - {name: gpu-lab-03,", 1)
-    text = head + "\n" + tail.split("\n\n", 1)[1]
-    return text.split("\nlab:\n", 1)[0] + "\n"
+def _play(lab: Lab, *args: str, render: Path | None = None) -> Play:
+    """The test playbook against ``render``'s inventory (default: the one ``lab up`` made)."""
+    inventory = (render or lab.render) / "ansible" / "inventory.yml"
+    return lab.play(PLAYBOOK, "-i", str(inventory), *args)
 
 
 def _pins(render: Path, stack: str) -> dict[str, str]:
@@ -135,113 +57,21 @@ def _pins(render: Path, stack: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
-        pytest.skip("the lab needs root and debootstrap")
+def lab(tmp_path_factory: pytest.TempPathFactory, lab_host: None) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("lp3")
-    spec = root / "fleet.yaml"
-    spec.write_text(_spec_text())
-    key = root / "lab_ed25519"
-    shutil.copy(REPO / "inventories/lab/ssh/lab_ed25519", key)
-    key.chmod(0o600)
-    env = {
-        **os.environ,
-        "PROVISIONER_LAB_DIR": str(root / "state"),
-        "PROVISIONER_LAB_BMC_PASSWORD": PASSWORD,
-        "ANSIBLE_ROLES_PATH": str(ROLES),
-        "ANSIBLE_HOST_KEY_CHECKING": "False",
-        "ANSIBLE_SSH_COMMON_ARGS": "-o UserKnownHostsFile=/dev/null",
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(root / "cp"),
-        "ANSIBLE_LOCAL_TEMP": str(root / "tmp"),
-        "ANSIBLE_PIPELINING": "True",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-    }
-    lab = Lab(root, spec, key, env)
-    try:
-        up = _cli(lab, "lab", "up", str(spec), timeout=1200)
-        assert up.returncode == 0, up.stdout + up.stderr
+    with running_lab(root, N, lab_spec(N, nodes=2, faults=""), PLAYBOOK_ENV) as lab:
         yield lab
-    finally:
-        down = _cli(lab, "lab", "down", SITE, timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
-
-
-def _cli(lab: Lab, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(REPO / ".venv/bin/provisioner"), *args],
-        capture_output=True, text=True, env=lab.env, timeout=timeout, check=False, cwd=REPO,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def upgrade_render(lab: Lab) -> Path:
     """A render of the spec copy whose rack is on stack h100-580 (same nodes and addresses)."""
     spec = lab.root / "fleet-580.yaml"
-    spec.write_text(_spec_text("h100-580"))
+    spec.write_text(lab_spec(N, nodes=2, stack="h100-580", faults=""))
     out = lab.root / "render-580"
-    done = _cli(lab, "render", str(spec), "--out", str(out), timeout=120)
+    done = lab.cli("render", str(spec), "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     return out
-
-
-# --------------------------------------------------------------------------- syntax and lint
-
-
-def _syntax_check(playbook: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_NOCOLOR": "1"}
-    return subprocess.run(
-        [str(ANSIBLE_PLAYBOOK), "--syntax-check", "-i", "localhost,", str(playbook)],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
-    )  # fmt: skip
-
-
-def test_the_test_playbook_passes_the_syntax_check() -> None:
-    done = _syntax_check(PLAYBOOK)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.mark.parametrize("family", ["debian", "redhat"])
-@pytest.mark.parametrize("role", ROLE_NAMES)
-def test_each_os_familys_tasks_pass_the_syntax_check(
-    role: str, family: str, tmp_path: Path
-) -> None:
-    playbook = tmp_path / f"{family}.yml"
-    playbook.write_text(
-        f"- name: Syntax of the {role} role's tasks for one OS family\n"
-        "  hosts: all\n  gather_facts: false\n  tasks:\n"
-        f"    - name: Import the {family} tasks\n"
-        "      ansible.builtin.import_role:\n"
-        f"        name: {role}\n        tasks_from: {family}\n"
-    )
-    done = _syntax_check(playbook)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_the_roles_pass_ansible_lint_production_and_ignore_no_error() -> None:
-    for role in ROLE_NAMES:
-        for path in (ROLES / role).rglob("*.yml"):
-            assert "ignore_errors" not in path.read_text(), path
-    lint = REPO / ".venv" / "bin" / "ansible-lint"
-    if not lint.exists():
-        pytest.skip("ansible-lint is not installed in .venv")
-    env = {**os.environ, "PATH": f"{lint.parent}:{os.environ['PATH']}", "NO_COLOR": "1"}
-    done = subprocess.run(
-        [str(lint), "--profile", "production", "--offline",
-         *[f"playbooks/roles/{role}" for role in ROLE_NAMES]],
-        capture_output=True, text=True, env=env, timeout=300, check=False, cwd=REPO,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Profile 'production' was required, and it passed" in done.stdout + done.stderr
-
-
-def test_every_role_variable_is_documented_in_its_argument_specs() -> None:
-    for role in ROLE_NAMES:
-        defaults = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text())
-        specs = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())
-        options = specs["argument_specs"]["main"]["options"]
-        assert set(defaults) == set(options), role
-        assert all(name.startswith(f"{role}_") for name in options), role
 
 
 # --------------------------------------------------------------------------- in the lab
@@ -300,7 +130,7 @@ def _check_stack(lab: Lab, pins: dict[str, str], cuda: str, toolkit: str, dcgm: 
 
 def test_disabled_roles_do_nothing(lab: Lab) -> None:
     off = json.dumps({f"{role}_enabled": False for role in ROLE_NAMES})
-    play = lab.play("-e", off)
+    play = _play(lab, "-e", off)
     assert play.rc == 0, play.output
     for node in NODES:
         names = ["cuda-toolkit-12-8", "nvidia-container-toolkit", "containerd",
@@ -313,14 +143,14 @@ def test_disabled_roles_do_nothing(lab: Lab) -> None:
 
 @pytest.fixture(scope="module")
 def first_run(lab: Lab) -> Play:
-    play = lab.play()
+    play = _play(lab)
     print(play.output)  # shown with pytest -s
     return play
 
 
 def test_the_570_stack_is_installed_pinned_and_held(lab: Lab, first_run: Play) -> None:
     assert first_run.rc == 0, first_run.output
-    pins = _pins(lab.root / "state" / SITE / "render", "h100-570")
+    pins = _pins(lab.render, "h100-570")
     assert len(pins) == 8 and pins["cuda-toolkit-12-8"] == "12.8.0-1"
     assert pins["nvidia-container-toolkit"] == "1.17.5-1"
     assert pins["datacenter-gpu-manager-4-core"] == "1:4.1.1-1"
@@ -351,22 +181,19 @@ def test_a_node_without_a_runtime_gets_its_configuration_only(lab: Lab, first_ru
 
 
 def test_a_second_run_changes_nothing(lab: Lab, first_run: Play) -> None:
-    second = lab.play()
-    assert second.rc == 0, second.output
-    recap = second.recap()
-    assert set(recap) == set(NODES), second.output
-    assert all(counts["changed"] == 0 for counts in recap.values()), second.output
+    second = _play(lab)
+    second.assert_changed_nothing(NODES)
 
 
 def test_a_check_mode_upgrade_reports_changes_and_changes_nothing(
     lab: Lab, first_run: Play, upgrade_render: Path
 ) -> None:
-    check = lab.play("--check", inventory=upgrade_render / "ansible" / "inventory.yml")
+    check = _play(lab, "--check", render=upgrade_render)
     assert check.rc == 0, check.output
     recap = check.recap()
     assert set(recap) == set(NODES), check.output
     assert all(counts["changed"] > 0 for counts in recap.values()), check.output
-    pins = _pins(lab.root / "state" / SITE / "render", "h100-570")
+    pins = _pins(lab.render, "h100-570")
     for node in NODES:
         assert _installed(lab, node, sorted(pins)) == pins, node
         assert _holds(lab, node) == set(pins), node
@@ -382,7 +209,7 @@ def upgrade(lab: Lab, first_run: Play, upgrade_render: Path) -> Play:
         " /usr/local/cuda-12.8 128 >/dev/null && readlink /usr/local/cuda",
     )
     assert alternatives.stdout == "/etc/alternatives/cuda\n", alternatives.stderr
-    play = lab.play(inventory=upgrade_render / "ansible" / "inventory.yml")
+    play = _play(lab, render=upgrade_render)
     print(play.output)
     return play
 
@@ -406,8 +233,5 @@ def test_the_upgrade_moves_every_component_to_the_580_stack(
 def test_a_run_after_the_upgrade_changes_nothing(
     lab: Lab, upgrade: Play, upgrade_render: Path
 ) -> None:
-    again = lab.play(inventory=upgrade_render / "ansible" / "inventory.yml")
-    assert again.rc == 0, again.output
-    recap = again.recap()
-    assert set(recap) == set(NODES), again.output
-    assert all(counts["changed"] == 0 for counts in recap.values()), again.output
+    again = _play(lab, render=upgrade_render)
+    again.assert_changed_nothing(NODES)

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ import yaml
 
 from provisioner.errors import PlaybookFailed
 from provisioner.render import render_fleet, write_tree
-from provisioner.resources import playbooks_dir
 from provisioner.runner.ansible import (
     HostEvent,
     HostStatus,
@@ -334,20 +332,6 @@ def test_sigint_cancels_the_run_and_restores_the_handler(tmp_path: Path) -> None
     assert result.status == "canceled" and not result.ok
     assert time.monotonic() - started < 20
     assert signal.getsignal(signal.SIGINT) is before
-
-
-@pytest.mark.parametrize("playbook", ["site.yml", "driver-upgrade.yml"])
-def test_shipped_playbooks_pass_ansible_syntax_check(playbook: str) -> None:
-    ansible_playbook = Path(sys.executable).parent / "ansible-playbook"
-    done = subprocess.run(
-        [str(ansible_playbook), "--syntax-check", "-i", "localhost,", playbook],
-        cwd=playbooks_dir(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_configure_refuses_an_empty_selection_and_a_missing_key(

@@ -75,4 +75,4 @@ def test_the_containerd_stand_in_idles_as_a_service_and_ships_no_config() -> Non
 def test_containerd_is_served_beside_the_container_toolkit_only() -> None:
     plans = plan_repos(load_fleet(LAB_SPEC), "10.200.0.1:8081")
     serving = {plan.path for plan in plans if CONTAINERD in plan.packages}
-    assert serving == {"libnvidia-container/deb/x86_64"}
+    assert serving == {"libnvidia-container/deb/amd64"}
