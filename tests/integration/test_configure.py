@@ -3,19 +3,17 @@ lab's apt repository through playbooks/site.yml, ansible-runner and SSH.
 
 ``lab up`` brings up site ``lp4`` (its own bridge, subnet and ports, so it never touches a lab
 a developer has up). The tests run in order: a first configure brings every node to its stack,
-a second changes nothing, ``--nodes`` runs one host only, ``--check`` changes nothing,
-driver-upgrade.yml moves a node to another stack and back in rollout batches, then a node
-powered off through its BMC is reported unreachable and a node whose stack points at a
-repository that does not answer is reported failed, while the other nodes complete. Root only.
+a second changes nothing, ``burnin run`` quarantines the nodes carrying GPU faults (and only
+them, with the checks that fail), ``--nodes`` runs one host only, ``--check`` changes nothing,
+a node powered off through its BMC is reported unreachable and a node whose stack points at a
+repository that does not answer is reported failed, while the other nodes complete; last,
+driver-upgrade.yml moves a node to another stack in rollout batches. Root only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,66 +23,15 @@ import pytest
 import yaml
 
 from provisioner.runner.ansible import HostEvent, run_playbook
-from tests.conftest import LAB_SPEC, REPO
+from tests.integration.labrig import LAB_FAULTS, Lab, lab_spec, running_lab
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
-    pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap missing"),
-]
+pytestmark = pytest.mark.integration
 
-SITE = "lp4"
-PASSWORD = "lp4-test-bmc-pw"
+N = 4  # lab lp4
 NODES = ["gpu-lab-01", "gpu-lab-02", "gpu-lab-03", "gpu-lab-04"]
-SUBNET = "10.214.0."
+# The lab spec's Xid 79 on gpu-lab-04, and gpu-lab-02's GPU 2 at PCIe gen 3.
+FAULTS = "    gpu-lab-02:\n      - {kind: pcie_gen3, gpu: 2}\n" + LAB_FAULTS
 CONFIGURE_TIMEOUT = 900
-
-
-@dataclass
-class Lab:
-    root: Path
-    spec: Path
-    key: Path
-    env: dict[str, str]
-
-    def ssh(self, node: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        options = ["BatchMode=yes", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null",
-                   "ConnectTimeout=5", "LogLevel=ERROR"]  # fmt: skip
-        address = f"{SUBNET}{11 + NODES.index(node)}"
-        return subprocess.run(
-            ["ssh", "-i", str(self.key), *[f"-o{o}" for o in options], f"root@{address}", command],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(REPO / ".venv/bin/provisioner"), *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=timeout,
-            check=False,
-            cwd=self.root,
-        )
-
-    def configure(self, *args: str, spec: Path | None = None) -> Configured:
-        done = self.cli(
-            "configure",
-            str(spec or self.spec),
-            "--key",
-            str(self.key),
-            "-o",
-            "json",
-            *args,
-            timeout=CONFIGURE_TIMEOUT,
-        )
-        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        assert lines and "summary" in lines[-1], done.stdout + done.stderr
-        events = [line["event"] for line in lines[:-1]]
-        return Configured(done.returncode, events, lines[-1]["summary"], done.stderr)
 
 
 @dataclass
@@ -102,46 +49,23 @@ class Configured:
         return json.dumps(self.summary, indent=1) + "\n" + self.stderr
 
 
-def _spec_text() -> str:
-    text = LAB_SPEC.read_text()
-    for old, new in (
-        ("site: lab\n", f"site: {SITE}\n"),
-        ("10.200.0.", SUBNET),
-        ("prov-lab0", "prov-lp4"),
-        ("127.0.0.1:900", "127.0.0.1:1924"),
-        ("127.0.0.1:9443", "127.0.0.1:19245"),
-        (":8080/", ":18241/"),
-        (":8081/", ":18242/"),
-    ):
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
+def _configure(lab: Lab, *args: str, spec: Path | None = None) -> Configured:
+    """``provisioner configure SPEC --key KEY -o json ARGS`` (SPEC: the lab's by default)."""
+    done = lab.cli(
+        "configure", str(spec or lab.spec), "--key", str(lab.key), "-o", "json", *args,
+        timeout=CONFIGURE_TIMEOUT,
+    )  # fmt: skip
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines and "summary" in lines[-1], done.stdout + done.stderr
+    events = [line["event"] for line in lines[:-1]]
+    return Configured(done.returncode, events, lines[-1]["summary"], done.stderr)
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    root = tmp_path_factory.mktemp(SITE)
-    spec = root / "fleet.yaml"
-    spec.write_text(_spec_text())
-    key = root / "lab_ed25519"
-    shutil.copy(REPO / "inventories/lab/ssh/lab_ed25519", key)
-    key.chmod(0o600)
-    env = {
-        **os.environ,
-        "PROVISIONER_LAB_DIR": str(root / "state"),
-        "PROVISIONER_LAB_BMC_PASSWORD": PASSWORD,
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(root / "cp"),
-        "ANSIBLE_LOCAL_TEMP": str(root / "tmp"),
-        "ANSIBLE_NOCOLOR": "1",
-    }
-    lab = Lab(root, spec, key, env)
-    try:
-        up = lab.cli("lab", "up", str(spec), timeout=1200)
-        assert up.returncode == 0, up.stdout + up.stderr
+def lab(tmp_path_factory: pytest.TempPathFactory, lab_host: None) -> Iterator[Lab]:
+    root = tmp_path_factory.mktemp("lp4")
+    with running_lab(root, N, lab_spec(N, faults=FAULTS)) as lab:
         yield lab
-    finally:
-        down = lab.cli("lab", "down", SITE, timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def _pins(lab: Lab) -> list[str]:
@@ -151,7 +75,7 @@ def _pins(lab: Lab) -> list[str]:
 
 
 def test_configure_brings_every_node_to_its_stack(lab: Lab) -> None:
-    run = lab.configure()
+    run = _configure(lab)
     assert run.rc == 0, run.explain()
     assert sorted(run.hosts) == NODES
     for recap in run.hosts.values():
@@ -176,15 +100,48 @@ def test_configure_brings_every_node_to_its_stack(lab: Lab) -> None:
 
 
 def test_second_configure_changes_nothing(lab: Lab) -> None:
-    run = lab.configure()
+    run = _configure(lab)
     assert run.rc == 0, run.explain()
     assert sorted(run.hosts) == NODES
     changed = {host: recap["changed"] for host, recap in run.hosts.items()}
     assert changed == dict.fromkeys(NODES, 0), [e for e in run.events if e["status"] == "changed"]
 
 
+def test_burnin_quarantines_each_faulty_node_with_its_failing_checks(lab: Lab) -> None:
+    # The spec's lab faults: gpu-lab-02's GPU 2 trains at PCIe gen 3, gpu-lab-04's GPU 5 fell
+    # off the bus (Xid 79); gpu-lab-01 and gpu-lab-03 are healthy.
+    results = lab.root / "burnin"
+    done = lab.cli(
+        "burnin", "run", str(lab.spec), "--key", str(lab.key), "--level", "quick",
+        "--results", str(results), "-o", "json", timeout=CONFIGURE_TIMEOUT,
+    )  # fmt: skip
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines and "summary" in lines[-1], done.stdout + done.stderr
+    summary = lines[-1]["summary"]
+    assert done.returncode == 1, summary  # a quarantined node fails the gate
+    verdicts = {node["node"]: (node["verdict"], node["failing"]) for node in summary["nodes"]}
+    assert verdicts == {
+        "gpu-lab-01": ("ready", []),
+        "gpu-lab-02": (
+            "quarantined",
+            ["pcie.link[gpu 2]", "bandwidth.h2d[gpu 2]", "bandwidth.d2h[gpu 2]"],
+        ),
+        "gpu-lab-03": ("ready", []),
+        "gpu-lab-04": ("quarantined", ["inventory.gpu_count", "xid"]),
+    }, summary
+    document = json.loads((results / "gpu-lab-04.json").read_text())
+    assert (document["backend"], document["node"], len(document["gpus"])) == (
+        "lab", "gpu-lab-04", 7,
+    )  # fmt: skip
+    assert document["host"]["driver_version"] == "570.133.20"  # what configure installed
+    report = lab.root / "burnin.xml"
+    made = lab.cli("burnin", "report", str(results), "--format", "junit", "--out", str(report))
+    assert made.returncode == 0, made.stderr
+    assert report.read_text().count("<failure") == 5
+
+
 def test_nodes_glob_runs_only_that_host(lab: Lab) -> None:
-    run = lab.configure("--nodes", "gpu-lab-02")
+    run = _configure(lab, "--nodes", "gpu-lab-02")
     assert run.rc == 0, run.explain()
     assert list(run.hosts) == ["gpu-lab-02"]
     assert {event["host"] for event in run.events} == {"gpu-lab-02"}
@@ -193,51 +150,9 @@ def test_nodes_glob_runs_only_that_host(lab: Lab) -> None:
 
 
 def test_check_mode_on_configured_nodes_reports_no_change(lab: Lab) -> None:
-    run = lab.configure("--check", "--nodes", "gpu-lab-0[12]")
+    run = _configure(lab, "--check", "--nodes", "gpu-lab-0[12]")
     assert run.rc == 0, run.explain()
     assert {h: r["changed"] for h, r in run.hosts.items()} == {"gpu-lab-01": 0, "gpu-lab-02": 0}
-
-
-def _driver(lab: Lab, node: str) -> str:
-    reply = lab.ssh(node, "nvidia-smi --query-gpu=driver_version --format=csv,noheader")
-    assert reply.returncode == 0, reply.stderr
-    return reply.stdout.split()[0]
-
-
-def test_driver_upgrade_moves_a_node_to_another_stack_in_batches_and_back(lab: Lab) -> None:
-    # gpu-lab-01 moves to the h100-580 stack; gpu-lab-02 stays. The lab's rollout policy
-    # (canary 1, max_unavailable 1) runs them one after the other.
-    text = lab.spec.read_text().replace("serial: LAB0001}", "serial: LAB0001, stack: h100-580}")
-    assert "stack: h100-580}" in text
-    (lab.root / "upgrade").mkdir()
-    spec = lab.root / "upgrade" / "fleet.yaml"
-    spec.write_text(text)
-    render = lab.root / "upgrade" / "build"
-    done = lab.cli("render", str(spec), "--out", str(render))
-    assert done.returncode == 0, done.stderr
-    events: list[HostEvent] = []
-    pair = ["gpu-lab-01", "gpu-lab-02"]
-    up = run_playbook(
-        "driver-upgrade.yml",
-        render / "ansible",
-        limit=pair,
-        private_key=lab.key,
-        on_event=events.append,
-    )
-    assert up.ok, up.summary()
-    assert (up.host("gpu-lab-01").changed > 0, up.host("gpu-lab-02").changed) == (True, 0)
-    order = [event.host for event in events]
-    last_of_first = max(i for i, host in enumerate(order) if host == "gpu-lab-01")
-    assert order.index("gpu-lab-02") > last_of_first  # one batch, then the next
-    assert (_driver(lab, "gpu-lab-01"), _driver(lab, "gpu-lab-02")) == ("580.65.06", "570.133.20")
-
-    down = run_playbook(  # a downgrade: back to the stack of the spec
-        "driver-upgrade.yml", lab.root / "build" / "ansible", limit=pair, private_key=lab.key
-    )
-    assert down.ok, down.summary()
-    assert _driver(lab, "gpu-lab-01") == "570.133.20"
-    again = lab.configure("--nodes", "gpu-lab-01")
-    assert again.rc == 0 and again.hosts["gpu-lab-01"]["changed"] == 0, again.explain()
 
 
 def test_powered_off_node_is_reported_unreachable_while_the_others_complete(lab: Lab) -> None:
@@ -274,7 +189,7 @@ def test_node_whose_repository_fails_is_reported_failed_while_the_others_complet
     (lab.root / "broken").mkdir()
     spec = lab.root / "broken" / "fleet.yaml"
     spec.write_text(text)
-    run = lab.configure("--nodes", "gpu-lab-0[124]", spec=spec)
+    run = _configure(lab, "--nodes", "gpu-lab-0[124]", spec=spec)
     assert run.rc == 1, run.explain()
     assert sorted(run.hosts) == ["gpu-lab-01", "gpu-lab-02", "gpu-lab-04"]
     failed = run.hosts["gpu-lab-04"]
@@ -283,3 +198,40 @@ def test_node_whose_repository_fails_is_reported_failed_while_the_others_complet
     for node in ("gpu-lab-01", "gpu-lab-02"):
         assert run.hosts[node]["status"] == "ok", run.explain()
     assert "gpu-lab-04" in {host["host"] for host in run.summary["hosts"] if host["failed"]}
+
+
+def _driver(lab: Lab, node: str) -> str:
+    reply = lab.ssh(node, "nvidia-smi --query-gpu=driver_version --format=csv,noheader")
+    assert reply.returncode == 0, reply.stderr
+    return reply.stdout.split()[0]
+
+
+def test_driver_upgrade_moves_a_node_to_another_stack_in_batches(lab: Lab) -> None:
+    # gpu-lab-01 moves to the h100-580 stack; gpu-lab-02 stays. The lab's rollout policy
+    # (canary 1, max_unavailable 1) runs them one after the other.
+    text = lab.spec.read_text().replace("serial: LAB0001}", "serial: LAB0001, stack: h100-580}")
+    assert "stack: h100-580}" in text
+    (lab.root / "upgrade").mkdir()
+    spec = lab.root / "upgrade" / "fleet.yaml"
+    spec.write_text(text)
+    render = lab.root / "upgrade" / "build"
+    done = lab.cli("render", str(spec), "--out", str(render))
+    assert done.returncode == 0, done.stderr
+    events: list[HostEvent] = []
+    pair = ["gpu-lab-01", "gpu-lab-02"]
+    up = run_playbook(
+        "driver-upgrade.yml",
+        render / "ansible",
+        limit=pair,
+        private_key=lab.key,
+        on_event=events.append,
+    )
+    assert up.ok, up.summary()
+    assert (up.host("gpu-lab-01").changed > 0, up.host("gpu-lab-02").changed) == (True, 0)
+    order = [event.host for event in events]
+    last_of_first = max(i for i, host in enumerate(order) if host == "gpu-lab-01")
+    assert order.index("gpu-lab-02") > last_of_first  # one batch, then the next
+    assert (_driver(lab, "gpu-lab-01"), _driver(lab, "gpu-lab-02")) == ("580.65.06", "570.133.20")
+    fabric = lab.ssh("gpu-lab-01", "nv-fabricmanager --version")
+    assert fabric.stdout.strip() == "Fabric Manager version is : 580.65.06", fabric.stdout
+    # The way back (a downgrade, driver and fabric manager together) is test_role_driver's.
