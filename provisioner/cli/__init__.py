@@ -10,7 +10,15 @@ import sys
 
 import typer
 
-from provisioner.cli import bmc, boot, burnin, configure, lab, spec  # noqa: F401 - registers commands
+from provisioner.cli import (  # noqa: F401 - registers commands
+    bmc,
+    boot,
+    burnin,
+    configure,
+    lab,
+    spec,
+    state,
+)
 from provisioner.cli.app import app
 from provisioner.errors import ProvisionerError, SecretError, SpecError
 

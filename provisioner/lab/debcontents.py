@@ -120,6 +120,16 @@ def package_files(package: LabPackage) -> list[DebFile]:
 # --------------------------------------------------------------------------- per role
 
 
+# Where a lab daemon notes the version it started as (the journal may drop a line written the
+# instant a unit starts): tests read which build runs there.
+DAEMONS_STARTED = "/run/provisioner-lab-daemons"
+
+
+def _started(daemon: str, version: str) -> str:
+    """Shell lines noting that ``daemon`` of ``version`` started."""
+    return f'mkdir -p {DAEMONS_STARTED}\necho "{version}" > {DAEMONS_STARTED}/{daemon}\n'
+
+
 def _nothing(package: DebPackage) -> list[DebFile]:
     return []
 
@@ -132,7 +142,9 @@ def _utils(package: DebPackage) -> list[DebFile]:
         f'if [ "${{1:-}}" = "--version" ]; then\n'
         f'  echo "nvidia-persistenced: version {package.upstream}"\n  exit 0\nfi\n'
         f'echo "LAB BUILD of nvidia-persistenced {package.upstream} (provisioner lab) - not NVIDIA'
-        f' software: no GPU is kept initialised; idling"\nexec sleep infinity\n'
+        f' software: no GPU is kept initialised; idling"\n'
+        + _started("nvidia-persistenced", package.upstream)
+        + "exec sleep infinity\n"
     )
     unit = _unit(
         "NVIDIA Persistence Daemon (LAB BUILD - not NVIDIA software)",
@@ -152,7 +164,9 @@ def _fabric_manager(package: DebPackage) -> list[DebFile]:
         f'if [ "${{1:-}}" = "--version" ] || [ "${{1:-}}" = "-v" ]; then\n'
         f'  echo "Fabric Manager version is : {version}"\n  exit 0\nfi\n'
         f'echo "LAB BUILD of nv-fabricmanager {version} (provisioner lab) - not NVIDIA software:'
-        f' no NVSwitch is managed; idling"\nexec sleep infinity\n'
+        f' no NVSwitch is managed; idling"\n'
+        + _started("nv-fabricmanager", version)
+        + "exec sleep infinity\n"
     )
     unit = _unit(
         "NVIDIA fabric manager service (LAB BUILD - not NVIDIA software)",

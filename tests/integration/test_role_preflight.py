@@ -31,7 +31,7 @@ REMEDY = "mokutil --import /var/lib/dkms/mok.pub"
 def _play(lab: Lab, *args: str) -> Play:
     """The test playbook against the inventory ``lab up`` rendered."""
     inventory = lab.render / "ansible" / "inventory.yml"
-    return _play(lab, PLAYBOOK, "-i", str(inventory), *args, timeout=300)
+    return lab.play(PLAYBOOK, "-i", str(inventory), *args, timeout=300)
 
 
 @pytest.fixture(scope="module")
