@@ -27,6 +27,16 @@ class Output(StrEnum):
 
 SpecArg = Annotated[Path, typer.Argument(help="fleet spec (YAML)", show_default=False)]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text or json")]
+# The node selection and the SSH side, shared by the commands that take them.
+RackOpt = Annotated[list[str] | None, typer.Option("--rack", help="only these racks")]
+NodesOpt = Annotated[list[str] | None, typer.Option("--nodes", help="node name glob(s)")]
+RenderOpt = Annotated[
+    Path | None, typer.Option("--render", help="render folder (default: build/ beside the spec)")
+]
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option("--key", help="SSH private key (default: your ssh-agent and SSH config)"),
+]
 
 
 def fail(message: str) -> NoReturn:

@@ -25,7 +25,7 @@ from rich.table import Table
 from provisioner.bmc import operations as ops
 from provisioner.bmc.base import BmcClient, BootDevice, PowerAction
 from provisioner.bmc.fanout import FanOut, Policy, Result, Target, failed
-from provisioner.cli.app import Output, OutputOpt, app, count, fail, load
+from provisioner.cli.app import NodesOpt, Output, OutputOpt, RackOpt, app, count, fail, load
 from provisioner.spec.types import parse_bmc_url
 
 T = TypeVar("T")
@@ -49,8 +49,6 @@ class PowerCommand(StrEnum):
 SpecOpt = Annotated[
     Path | None, typer.Argument(help="fleet spec (omit with --bmc)", show_default=False)
 ]
-RackOpt = Annotated[list[str] | None, typer.Option("--rack", help="only these racks")]
-NodesOpt = Annotated[list[str] | None, typer.Option("--nodes", help="node name glob(s)")]
 BmcOpt = Annotated[
     list[str] | None,
     typer.Option("--bmc", help="ad hoc: ipmi://HOST[:PORT] or redfish+https://HOST[:PORT]/..."),

@@ -37,7 +37,19 @@ from provisioner.burnin.results import (
     gather,
     judge_all,
 )
-from provisioner.cli.app import Output, OutputOpt, SpecArg, app, count, fail, load
+from provisioner.cli.app import (
+    KeyOpt,
+    NodesOpt,
+    Output,
+    OutputOpt,
+    RackOpt,
+    RenderOpt,
+    SpecArg,
+    app,
+    count,
+    fail,
+    load,
+)
 from provisioner.cli.progress import render_spec, run_live
 from provisioner.runner.ansible import PlaybookResult
 from provisioner.spec import Fleet
@@ -67,20 +79,14 @@ class Format(StrEnum):
 @burnin_app.command("run")
 def run(
     spec: SpecArg,
-    rack: Annotated[list[str] | None, typer.Option("--rack", help="only these racks")] = None,
-    nodes: Annotated[list[str] | None, typer.Option("--nodes", help="node name glob(s)")] = None,
+    rack: RackOpt = None,
+    nodes: NodesOpt = None,
     level: Annotated[
         LevelChoice | None,
         typer.Option("--level", help="quick, standard or extended (default: the profile's)"),
     ] = None,
-    render_dir: Annotated[
-        Path | None,
-        typer.Option("--render", help="render folder (default: build/ beside the spec)"),
-    ] = None,
-    key: Annotated[
-        Path | None,
-        typer.Option("--key", help="SSH private key (default: your ssh-agent and SSH config)"),
-    ] = None,
+    render_dir: RenderOpt = None,
+    key: KeyOpt = None,
     results: Annotated[
         Path | None,
         typer.Option(

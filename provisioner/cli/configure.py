@@ -11,12 +11,23 @@ that failed and why.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from provisioner.cli.app import Output, OutputOpt, SpecArg, app, count, fail, load
+from provisioner.cli.app import (
+    KeyOpt,
+    NodesOpt,
+    Output,
+    OutputOpt,
+    RackOpt,
+    RenderOpt,
+    SpecArg,
+    app,
+    count,
+    fail,
+    load,
+)
 from provisioner.cli.progress import print_recap, render_spec, run_live
 from provisioner.runner.ansible import PlaybookResult
 
@@ -26,19 +37,13 @@ PLAYBOOK = "site.yml"
 @app.command()
 def configure(
     spec: SpecArg,
-    rack: Annotated[list[str] | None, typer.Option("--rack", help="only these racks")] = None,
-    nodes: Annotated[list[str] | None, typer.Option("--nodes", help="node name glob(s)")] = None,
+    rack: RackOpt = None,
+    nodes: NodesOpt = None,
     check: Annotated[
         bool, typer.Option("--check", help="report what would change, change nothing")
     ] = False,
-    render_dir: Annotated[
-        Path | None,
-        typer.Option("--render", help="render folder (default: build/ beside the spec)"),
-    ] = None,
-    key: Annotated[
-        Path | None,
-        typer.Option("--key", help="SSH private key (default: your ssh-agent and SSH config)"),
-    ] = None,
+    render_dir: RenderOpt = None,
+    key: KeyOpt = None,
     output: OutputOpt = Output.text,
 ) -> None:
     """Install and configure the NVIDIA stack (driver, fabric manager, CUDA, container

@@ -24,7 +24,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from provisioner.cli.app import Output, OutputOpt, SpecArg, app, count, fail, load
+from provisioner.cli.app import (
+    NodesOpt,
+    Output,
+    OutputOpt,
+    RackOpt,
+    SpecArg,
+    app,
+    count,
+    fail,
+    load,
+)
 from provisioner.state.lifecycle import State
 from provisioner.state.records import BurninRecord, NodeRecord, TransitionRecord
 
@@ -58,8 +68,8 @@ def _state_text(record: NodeRecord | None) -> str:
 def status(
     spec: SpecArg,
     state: StateOpt = None,
-    rack: Annotated[list[str] | None, typer.Option("--rack", help="only these racks")] = None,
-    nodes: Annotated[list[str] | None, typer.Option("--nodes", help="node name glob(s)")] = None,
+    rack: RackOpt = None,
+    nodes: NodesOpt = None,
     output: OutputOpt = Output.text,
 ) -> None:
     """Show each node's recorded lifecycle state (rack, state, since, last error)."""
