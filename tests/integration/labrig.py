@@ -127,6 +127,16 @@ class Lab:
             cwd=self.root,
         )  # fmt: skip
 
+    def render_copy(self, name: str, spec_text: str) -> Path:
+        """``spec_text`` saved as ``<name>.yaml`` beside the lab's spec and rendered into
+        ``render-<name>/`` (e.g. the same rack on another stack); the render folder."""
+        spec = self.root / f"{name}.yaml"
+        spec.write_text(spec_text)
+        out = self.root / f"render-{name}"
+        done = self.cli("render", str(spec), "--out", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        return out
+
     def play(self, playbook: Path, *args: str, timeout: float = 900) -> Play:
         """``ansible-playbook ARGS PLAYBOOK`` with the lab's key, from the lab's folder."""
         started = time.monotonic()

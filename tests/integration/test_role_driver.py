@@ -94,12 +94,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, lab_host: None) -> Iterator[La
 @pytest.fixture(scope="module")
 def other_render(lab: Lab) -> Path:
     """A render of the spec copy whose rack is on stack h100-580 (same nodes and addresses)."""
-    spec = lab.root / "fleet-580.yaml"
-    spec.write_text(lab_spec(N, nodes=2, stack="h100-580", faults=""))
-    out = lab.root / "render-580"
-    done = lab.cli("render", str(spec), "--out", str(out))
-    assert done.returncode == 0, done.stdout + done.stderr
-    return out
+    return lab.render_copy("580", lab_spec(N, nodes=2, stack="h100-580", faults=""))
 
 
 # --------------------------------------------------------------------------- in the lab
