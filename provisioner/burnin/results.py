@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from provisioner.burnin.document import (
     AgentDocument,
@@ -24,6 +25,9 @@ from provisioner.burnin.report import REPORT_SCHEMA, Missing, Report, load_repor
 from provisioner.burnin.verdict import NodeVerdict
 from provisioner.errors import BurninFailed
 from provisioner.spec import Fleet
+
+if TYPE_CHECKING:
+    from provisioner.runner.ansible import PlaybookResult
 
 AGENT = "agent.py"
 REPORT_FILE = "report.json"
@@ -144,3 +148,19 @@ def collect(
             continue
         documents.append((path, document))
     return documents, missing
+
+
+def reasons_from(played: PlaybookResult, hosts: Sequence[str]) -> dict[str, str]:
+    """Why each host that did not finish a playbook run well did not, as far as the run
+    tells (hosts that did are left out)."""
+    failed = {recap.host: recap for recap in played.failed}
+    reasons = {}
+    for host in hosts:
+        if host in failed:
+            recap = failed[host]
+            reasons[host] = f"{recap.status} at {recap.failed_task!r}: {recap.message}"
+        elif host in played.not_run:
+            reasons[host] = "not run (the play ended before this host)"
+        elif played.error:
+            reasons[host] = f"no result: {played.error}"
+    return reasons

@@ -13,6 +13,7 @@ import typer
 from provisioner.cli import (  # noqa: F401 - registers commands
     bmc,
     boot,
+    bringup,
     burnin,
     configure,
     lab,

@@ -36,6 +36,7 @@ from provisioner.burnin.results import (
     collect,
     gather,
     judge_all,
+    reasons_from,
 )
 from provisioner.cli.app import (
     KeyOpt,
@@ -131,7 +132,7 @@ def _conclude(
     if played.status == "canceled":
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
-    documents, missing = collect(results_dir, hosts, _reasons(played, hosts))
+    documents, missing = collect(results_dir, hosts, reasons_from(played, hosts))
     verdicts, strangers = judge_all(fleet, documents, level.value if level else None)
     report = Report(tuple(verdicts), tuple(missing + strangers))
     write_report(report, "json", results_dir / REPORT_FILE)
@@ -176,21 +177,6 @@ def _results_dir(results: Path | None, folder: Path) -> Path:
     except OSError as exc:
         fail(f"--results {results}: {exc}")
     return results
-
-
-def _reasons(played: PlaybookResult, hosts: list[str]) -> dict[str, str]:
-    """Why a host gave no result, as far as the run tells."""
-    failed = {recap.host: recap for recap in played.failed}
-    reasons = {}
-    for host in hosts:
-        if host in failed:
-            recap = failed[host]
-            reasons[host] = f"{recap.status} at {recap.failed_task!r}: {recap.message}"
-        elif host in played.not_run:
-            reasons[host] = "not run (the play ended before this host)"
-        elif played.error:
-            reasons[host] = f"no result: {played.error}"
-    return reasons
 
 
 def _show(report: Report, output: Output, results_dir: Path, played: PlaybookResult) -> None:

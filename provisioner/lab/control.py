@@ -177,6 +177,17 @@ def ssh_open(address: str, timeout: float = 0.5) -> bool:
         return False
 
 
+def boot_events(spec: Path, site: str) -> Path | None:
+    """The boot server's events file of the lab that runs ``spec``; None when none does."""
+    site_dir = host.site_dir(site)
+    record = _read_json(site_dir / "lab.json")
+    if record is None or not _pid_alive(record.get("pid")):
+        return None
+    if Path(str(record.get("spec"))) != spec.resolve():
+        return None
+    return site_dir / "boot-events.jsonl"
+
+
 # ------------------------------------------------------------------------------ status
 
 

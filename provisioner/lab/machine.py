@@ -262,9 +262,14 @@ class Machine:
     def _disk_script(self) -> str:
         root = shlex.quote(str(self.home / "root"))
         hardware = shlex.quote(str(self.home / "hardware"))
+        boot_id = shlex.quote(str(self.home / "boot_id"))
         lines = [
             self._overlay(self.home / "disk", root),
             *self._mounts(root),
+            # A boot id of this boot, as a kernel's changes at each boot: Ansible's reboot
+            # module (and anyone else) tells a reboot by it; the host's never changes.
+            f"cat /proc/sys/kernel/random/uuid > {boot_id}",
+            f"mount --bind {boot_id} {root}/proc/sys/kernel/random/boot_id",
             f"mkdir -p {root}/run/provisioner-lab",
             f"mount --bind {hardware} {root}/run/provisioner-lab",
             f"mount -o remount,bind,ro {root}/run/provisioner-lab",
