@@ -26,3 +26,14 @@ def templates_dir() -> Path:
 
 def playbooks_dir() -> Path:
     return _data_dir("playbooks")
+
+
+def lab_dir() -> Path:
+    """The embedded lab's spec folder (``inventories/lab``: fleet.yaml, its SSH key)."""
+    packaged = resources.files("provisioner").joinpath("_data", "inventories", "lab")
+    if packaged.is_dir():
+        return Path(str(packaged))
+    checkout = Path(str(resources.files("provisioner"))).parent / "inventories" / "lab"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError("the embedded lab (inventories/lab/) is missing from this installation")

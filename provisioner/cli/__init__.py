@@ -16,6 +16,7 @@ from provisioner.cli import (  # noqa: F401 - registers commands
     bringup,
     burnin,
     configure,
+    demo,
     lab,
     spec,
     state,

@@ -58,6 +58,7 @@ __all__ = [
     "HostStatus",
     "PlaybookResult",
     "RunnerError",
+    "end_orphaned_runs",
     "run_playbook",
 ]
 
@@ -158,6 +159,35 @@ def run_playbook(
         result = _with_error(result, folder / "artifacts" / "stdout")
     (folder / "result.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
     return result
+
+
+def end_orphaned_runs(inventory_dir: Path) -> list[int]:
+    """End the playbook runs under ``inventory_dir``'s run folders whose controller died
+    (kill -9, a crash): ansible-runner starts each run as a session of its own, which
+    outlives the process that started it and would go on changing the hosts next to a new
+    run. A run's session leader that init (pid 1) has adopted is an orphan; its whole
+    session is killed. Returns the sessions ended. Call it holding the nodes' locks, so that
+    no live run can be taken for a dead one. Linux only (reads /proc)."""
+    marker = str(inventory_dir.absolute() / "runs") + "/"
+    ended = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        ppid, session = int(fields[1]), int(fields[3])
+        if ppid != 1 or session != pid or marker not in command:
+            continue
+        try:
+            os.killpg(session, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        ended.append(session)
+    return ended
 
 
 # ---------------------------------------------------------------------------- after a run

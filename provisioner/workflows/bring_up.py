@@ -52,7 +52,7 @@ from provisioner.burnin.document import BurninDocumentError, load_document
 from provisioner.burnin.results import agent_path, collect, judge_all, reasons_from
 from provisioner.burnin.verdict import READY, Check, NodeVerdict, Verdict
 from provisioner.errors import ProvisionerError
-from provisioner.runner.ansible import run_playbook
+from provisioner.runner.ansible import end_orphaned_runs, run_playbook
 from provisioner.spec import Fleet, Node
 from provisioner.state.lifecycle import BEFORE_INSTALL, State
 from provisioner.state.locks import node_locks
@@ -121,6 +121,9 @@ class Steps(Protocol):
 
     def burn_in(self, nodes: Sequence[str], run_id: str) -> Mapping[str, BurninOutcome | str]:
         """Burn ``nodes`` in: each node's judged outcome, or why it has none."""
+
+    def recover(self) -> None:
+        """Clean up after a run that died (called holding the nodes' locks)."""
 
     def fetched(self, node: str, since: float) -> BurninOutcome | None:
         """A burn-in document fetched for ``node`` at or after ``since`` and not yet saved
@@ -208,6 +211,7 @@ class BringUp:
         try:
             with node_locks(self.store, names, self.run_id):
                 self.store.enroll(self.nodes, site=self.site, run_id=self.run_id)
+                self.steps.recover()
                 self._all(names)
             records = tuple(r for r in (self.store.node(n) for n in names) if r is not None)
             outcome = Outcome(self.run_id, records, time.monotonic() - started)
@@ -594,6 +598,10 @@ class SiteSteps:
             if verdicts:
                 return BurninOutcome(verdicts[0], _raw(path))
         return None
+
+    def recover(self) -> None:
+        for session in end_orphaned_runs(self.render_dir / "ansible"):
+            log.warning("ended playbook run session %d left by a run that died", session)
 
     def close(self) -> None:
         self.fan.close()
