@@ -1,7 +1,7 @@
 """The lab racks of the playbook tests: the embedded lab's spec moved to a site of its own.
 
-Test module ``n`` (1: preflight, 2: driver, 3: toolkits, 4: configure) gets site ``lp<n>``
-with its own bridge (``prov-lp<n>``), subnet (``10.21<n>.0.0/24``), BMC ports
+Test module ``n`` (1: preflight, 2: driver, 3: toolkits, 4: configure, 5: bring-up) gets site
+``lp<n>`` with its own bridge (``prov-lp<n>``), subnet (``10.21<n>.0.0/24``), BMC ports
 (``192<n>1``-``192<n>3`` IPMI, ``192<n>5`` Redfish) and boot and repository ports
 (``182<n>1``, ``182<n>2``), so the modules never touch each other's lab or one a developer
 has up. :func:`running_lab` brings it up with ``provisioner lab up`` and always takes it down.
@@ -152,10 +152,15 @@ class Lab:
 
 @contextmanager
 def running_lab(
-    root: Path, n: int, spec_text: str, env: Mapping[str, str] | None = None
+    root: Path,
+    n: int,
+    spec_text: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    blank: bool = False,
 ) -> Iterator[Lab]:
     """Lab ``n`` of ``spec_text`` up under ``root`` (state, key, Ansible's temp folders),
-    taken down again whatever happens."""
+    taken down again whatever happens; ``blank``: its nodes off with empty disks."""
     spec = root / "fleet.yaml"
     spec.write_text(spec_text)
     key = root / "lab_ed25519"
@@ -172,7 +177,7 @@ def running_lab(
     }
     lab = Lab(n, root, spec, key, lab_env)
     try:
-        up = lab.cli("lab", "up", str(spec), timeout=1200)
+        up = lab.cli("lab", "up", str(spec), *(["--blank"] if blank else []), timeout=1200)
         assert up.returncode == 0, up.stdout + up.stderr
         yield lab
     finally:
