@@ -21,10 +21,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks import bmc, boot, configure  # noqa: E402
+from benchmarks import bmc, boot, bringup, configure  # noqa: E402
 from benchmarks.fleetgen import write_fleet  # noqa: E402
 from provisioner.render import render_fleet, write_tree  # noqa: E402
 from provisioner.spec import load_fleet  # noqa: E402
+
+SECTIONS = ("spec", "bmc", "boot", "configure", "bring-up")
 
 
 @dataclass
@@ -206,6 +208,45 @@ def configure_rows(work: Path, spec: Path | None, key: Path | None, repeat: int)
     ]
 
 
+def bring_up_rows(work: Path) -> list[Row]:
+    rows = []
+    for k, figure in enumerate(bringup.run(work)):
+        fleet, alone, caps = figure.fleet, figure.alone, figure.caps
+        value = f"{figure.ratio:.2f}x ({fleet.seconds:.1f} s vs {alone.seconds:.1f} s alone)"
+        failed = {**alone.not_ready, **fleet.not_ready}
+        if failed:
+            value += f", {len(failed)} not ready: " + "; ".join(
+                f"{node}: {why}" for node, why in list(failed.items())[:3]
+            )
+        how = (
+            f"makespan of all {fleet.nodes} vs the slowest of them ({figure.slowest}, "
+            f"{figure.own:.1f} s of its own) alone; real BringUp, SQLite store, spec, lab IPMI "
+            f"BMCs (FRU, boot, power) and boot events file; simulated machines and playbooks "
+            f"(seeded times, 1 s here = {1 / bringup.SCALE:.0f} s of a rack; a run takes its "
+            f"slowest node + {bringup.RUN_OVERHEAD:.2f} s); one run each; "
+            if k == 0
+            else "the same rack and times; "
+        )
+        rows.append(
+            Row(
+                figure.name,
+                value,
+                "<= 1.2x",
+                how + f"Caps runs {caps.runs}, batch {caps.batch}, bmc {caps.bmc}, settle "
+                f"{caps.settle:.3f} s; site.yml runs {_sizes(fleet.configure_batches)}, "
+                f"burnin.yml runs {_sizes(fleet.burn_in_batches)}; store: "
+                f"{fleet.transitions} transitions, {fleet.events} events, "
+                f"{fleet.burnin_results} burn-in results",
+            )
+        )
+    return rows
+
+
+def _sizes(batches: list[int]) -> str:
+    """``5 (1+1+15+3+12 hosts)``"""
+    return f"{len(batches)} ({'+'.join(map(str, batches))} hosts)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=10_000)
@@ -228,23 +269,47 @@ def main() -> None:
         help="spec of a lab that is up, for the orchestrator row (default: bring one up)",
     )
     parser.add_argument("--configure-key", type=Path, help="SSH key of that lab's nodes")
+    parser.add_argument(
+        "--skip-bring-up",
+        action="store_true",
+        help="leave out the bring-up rows (32-node rack, simulated machines, ~50 s)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        action="append",
+        help="run only these groups of rows (repeatable; the reference row is always run)",
+    )
     parser.add_argument("--boot-nodes", type=int, default=1000)
     parser.add_argument(
         "--boot-kernel-mib", type=float, default=8, help="size of the kernel each node fetches"
     )
     args = parser.parse_args()
+    skipped = {
+        "bmc": args.skip_bmc,
+        "boot": args.skip_boot,
+        "configure": args.skip_configure,
+        "bring-up": args.skip_bring_up,
+    }
+    wanted = {
+        name for name in SECTIONS if not skipped.get(name) and name in (args.only or SECTIONS)
+    }
     memory = Path("/dev/shm")
     where = None if args.disk or not memory.is_dir() else str(memory)
     with tempfile.TemporaryDirectory(prefix="provisioner-bench-", dir=where) as folder:
-        rows = [reference_row(), *spec_rows(Path(folder), args.nodes, args.repeat)]
-        if not args.skip_bmc:
+        rows = [reference_row()]
+        if "spec" in wanted:
+            rows += spec_rows(Path(folder), args.nodes, args.repeat)
+        if "bmc" in wanted:
             rows += bmc_rows()
-        if not args.skip_boot:
+        if "boot" in wanted:
             rows += boot_rows(Path(folder), args.boot_nodes, int(args.boot_kernel_mib * 2**20))
-        if not args.skip_configure:
+        if "configure" in wanted:
             rows += configure_rows(
                 Path(folder), args.configure_spec, args.configure_key, args.repeat
             )
+        if "bring-up" in wanted:
+            rows += bring_up_rows(Path(folder))
         print(f"renders written under {folder}", file=sys.stderr)
     print("| benchmark | result | goal | how |")
     print("|---|---|---|---|")

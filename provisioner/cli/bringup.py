@@ -213,6 +213,7 @@ def show_outcome(outcome: Outcome, output: Output) -> None:
             "seconds": round(outcome.seconds, 1),
             "counts": tally,
             "nodes": [record.as_dict() for record in outcome.nodes],
+            "errors": dict(outcome.errors),
         }
         typer.echo(json.dumps({"summary": summary}))
         return
@@ -229,6 +230,8 @@ def show_outcome(outcome: Outcome, output: Output) -> None:
             Text(record.last_error or "" if str(record.state) != "ready" else ""),
         )
     Console(soft_wrap=True, file=sys.stdout).print(table)
+    for name, error in outcome.errors.items():
+        typer.echo(f"{name}: the bring-up stopped on an unexpected error: {error}", err=True)
     parts = ", ".join(f"{number} {name}" for name, number in tally.items())
     typer.echo(
         f"{count(len(outcome.nodes), 'node')}: {parts} in {outcome.seconds:.0f} s "

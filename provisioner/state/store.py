@@ -43,7 +43,7 @@ from provisioner.state.records import (
 from provisioner.state.schema import now
 
 ENV_VARIABLE = "PROVISIONER_STATE"
-RUN_STATUSES = ("succeeded", "failed", "interrupted")
+RUN_STATUSES = ("succeeded", "failed", "interrupted", "refused")
 
 
 class NoStateDatabase(StateError):

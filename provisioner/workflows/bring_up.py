@@ -37,6 +37,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -55,7 +56,7 @@ from provisioner.errors import ProvisionerError
 from provisioner.runner.ansible import end_orphaned_runs, run_playbook
 from provisioner.spec import Fleet, Node
 from provisioner.state.lifecycle import BEFORE_INSTALL, State
-from provisioner.state.locks import node_locks
+from provisioner.state.locks import LockHeld, node_locks
 from provisioner.state.records import NodeRecord
 from provisioner.state.store import Store
 
@@ -77,7 +78,7 @@ class StepFailed(ProvisionerError):
 @dataclass(frozen=True, slots=True)
 class Caps:
     bmc: int = 16  # nodes talking to their BMC at once
-    runs: int = 2  # playbook runs (site.yml or burnin.yml) going at once, each
+    runs: int = 8  # playbook runs (site.yml or burnin.yml) going at once, each
     batch: int = 64  # hosts in one playbook run at most
     settle: float = 2.0  # seconds a batch waits for more nodes to join
 
@@ -161,13 +162,19 @@ class Outcome:
     nodes: tuple[NodeRecord, ...]
     seconds: float
     interrupted: bool = False
+    #: Nodes whose thread stopped on an unexpected error (the store gone, a bug), and why.
+    errors: Mapping[str, str] = field(default_factory=dict)
 
     def count(self, state: State) -> int:
         return sum(1 for node in self.nodes if node.state == state)
 
     @property
     def ok(self) -> bool:
-        return not self.interrupted and all(node.state == S.ready for node in self.nodes)
+        return (
+            not self.interrupted
+            and not self.errors
+            and all(node.state == S.ready for node in self.nodes)
+        )
 
 
 class BringUp:
@@ -206,6 +213,8 @@ class BringUp:
         one of the nodes."""
         started = time.monotonic()
         names = [node.name for node in self.nodes]
+        if not names:
+            raise ValueError("a bring-up needs at least one node")
         self.run_id = self.store.start_run("bring-up", self.site)
         status = "failed"
         try:
@@ -214,9 +223,14 @@ class BringUp:
                 self.steps.recover()
                 self._all(names)
             records = tuple(r for r in (self.store.node(n) for n in names) if r is not None)
-            outcome = Outcome(self.run_id, records, time.monotonic() - started)
+            outcome = Outcome(
+                self.run_id, records, time.monotonic() - started, errors=dict(self._errors)
+            )
             status = "succeeded" if outcome.ok else "failed"
             return outcome
+        except LockHeld:
+            status = "refused"  # another run holds some of the nodes; this one did nothing
+            raise
         except KeyboardInterrupt:
             status = "interrupted"
             raise
@@ -249,7 +263,9 @@ class BringUp:
 
     def _node(self, name: str) -> None:
         record = self._record(name)
-        if record.state in NOT_OURS or record.state in (S.ready, S.quarantined):
+        # A node that failed while draining or upgrading is the upgrade's to retry, not ours.
+        theirs = record.state is S.failed and record.failed_in in NOT_OURS
+        if record.state in NOT_OURS or record.state in (S.ready, S.quarantined) or theirs:
             self._say(Move(name, record.state, record.state, detail="nothing to do"))
             return
         if record.state is S.failed:
@@ -261,7 +277,7 @@ class BringUp:
             try:
                 self._step(name, state)
             except StepFailed as failure:
-                self._move(name, S.failed, error=str(failure))
+                self._move(name, S.failed, error=str(failure) or f"{state} failed")
             except Exception as error:
                 log.exception("%s: %s failed", name, state)
                 self._move(name, S.failed, error=f"{type(error).__name__}: {error}")
@@ -381,28 +397,38 @@ class BringUp:
         self._say(Move(name, before, to, detail, error))
 
     def _say(self, move: Move) -> None:
-        if self.on_move is not None:
+        """Tell the watcher; a watcher that fails (a display bug) never fails the node."""
+        if self.on_move is None:
+            return
+        try:
             self.on_move(move)
+        except Exception:
+            log.exception("%s: the bring-up's watcher failed on %s", move.node, move.target)
 
 
 # ---------------------------------------------------------------------------- pacing
 
 
 class Stagger:
-    """Power-on pacing per rack: the k-th node of a rack powers on
-    ``(k // count) * interval`` seconds after the rack's first (inrush current)."""
+    """Power-on pacing per rack (inrush current): no more than ``count`` power-ons of one
+    rack in any ``interval`` seconds. A sliding window, so that nodes that reach power-on
+    late (a slow BMC, a retry) wait only as long as the window needs, and a burst of them
+    after a quiet spell is still paced."""
 
     def __init__(self, count: int, interval: float) -> None:
         self.count = max(1, count)
         self.interval = interval
         self._lock = threading.Lock()
-        self._racks: dict[str, tuple[float, int]] = {}
+        self._racks: dict[str, deque[float]] = {}
 
     def wait(self, rack: str) -> None:
-        with self._lock:
-            first, k = self._racks.get(rack, (time.monotonic(), 0))
-            self._racks[rack] = (first, k + 1)
-        delay = first + (k // self.count) * self.interval - time.monotonic()
+        """Block until this rack may power one more node on, and count it."""
+        with self._lock:  # slots are handed out in order; each sleeps outside the lock
+            times = self._racks.setdefault(rack, deque(maxlen=self.count))
+            now = time.monotonic()
+            slot = now if len(times) < self.count else max(now, times[0] + self.interval)
+            times.append(slot)
+        delay = slot - time.monotonic()
         if delay > 0:
             time.sleep(delay)
 

@@ -37,7 +37,7 @@ from provisioner.state.store import (
     state_url,
 )
 from tests.conftest import LAB_SPEC, RunCli
-from tests.peers.postgres import PostgresServer, PostgresUnavailable, start_postgres
+from tests.peers.postgres import PostgresServer
 
 FORK = multiprocessing.get_context("fork")
 S = State
@@ -48,20 +48,6 @@ class N:
     name: str
     rack: str = "r1"
     serial: str | None = None
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    if os.geteuid() != 0:
-        pytest.skip("PostgreSQL runs as the postgres user: starting it needs root")
-    try:
-        server = start_postgres()
-    except PostgresUnavailable as exc:
-        pytest.fail(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
