@@ -20,17 +20,20 @@ Layout under ``dest``::
       <url path>/          *.deb, Packages, Packages.gz, Release, InRelease, Release.gpg,
                            provisioner-lab.asc
     cache/                 never served: debs/ (built .debs by content hash), gnupg/ (the
-                           lab's private signing key, made once)
+                           lab's private signing key, made once); ``cache=`` puts it elsewhere,
+                           so that several labs (one web root each) share one
 
 :data:`KEY_FILE` (``provisioner-lab.asc``) is the ASCII-armoured public key; playbooks fetch
 ``<repo URL>provisioner-lab.asc`` and name it in ``signed-by``. Rebuilds are incremental (a
 .deb whose content is unchanged is not rebuilt, an unchanged ``Release`` is not re-signed) and
-deterministic: with the same cache, two builds give byte-identical files.
+deterministic: with the same cache, two builds give byte-identical files. Builds that share a
+cache take turns (a file lock in it), so labs brought up at once never make two keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import os
@@ -154,10 +157,12 @@ def build_repo(
     *,
     epoch: int | None = None,
     kernel: str | None = None,
+    cache: Path | None = None,
 ) -> RepoBuild:
     """Build (or bring up to date) every lab repository at ``host_port`` under ``dest``;
     ``kernel`` is the release whose headers the CUDA repositories serve (default: this host's,
-    which the lab nodes run)."""
+    which the lab nodes run); ``cache`` holds the built .debs and the signing key (default
+    ``dest/cache``)."""
     started = time.monotonic()
     when = epoch if epoch is not None else int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
     plans = plan_repos(fleet, host_port, kernel if kernel is not None else os.uname().release)
@@ -165,8 +170,23 @@ def build_repo(
         raise LabRepoError(
             f"no stack of {fleet.spec_path} names a repository at http://{host_port}/"
         )
-    root, cache = dest / WEB_ROOT, dest / CACHE
-    debs = _build_debs(DebBuilder(cache / "debs", when), plans)
+    root, cache = dest / WEB_ROOT, cache or dest / CACHE
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # given back when the file closes
+        debs = _build_debs(DebBuilder(cache / "debs", when), plans)
+        return _publish(root, cache, plans, debs, when, started)
+
+
+def _publish(
+    root: Path,
+    cache: Path,
+    plans: Sequence[RepoPlan],
+    debs: dict[tuple[str, str], BuiltDeb],
+    when: int,
+    started: float,
+) -> RepoBuild:
+    """Write each repository's .debs, indexes and key under the web root ``root``."""
     with RepoKey(cache / "gnupg", when) as key:
         public = key.public_key()
         _write_if_changed(root / KEY_FILE, public)

@@ -120,8 +120,11 @@ class LabRack:
         if len(hosts) > 1:
             raise LabError(f"the stacks name several lab repository addresses: {sorted(hosts)}")
         (address,) = hosts
-        dest = host.cache_root() / "apt"
-        aptrepo.build_repo(self.fleet, dest, address)
+        # A web root per site (labs up at once serve their own stacks); one cache of .debs
+        # and one signing key for all.
+        shared = host.cache_root() / "apt"
+        dest = shared / "sites" / self.site
+        aptrepo.build_repo(self.fleet, dest, address, cache=shared / aptrepo.CACHE)
         port = urlsplit(f"http://{address}").port or 80
         return aptrepo.serve(dest, self.gateway, port)
 

@@ -123,6 +123,11 @@ def _status(lab: Lab) -> dict[str, dict[str, object]]:
     return report["nodes"]  # type: ignore[no-any-return]
 
 
+def _ran(lab: Lab, node: str, command: str) -> bool:
+    """Whether ``command`` ran on ``node`` (exit 0)."""
+    return lab.ssh(node, command, timeout=15).returncode == 0
+
+
 def _wait(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -198,7 +203,9 @@ def test_reboot_inside_the_node_boots_it_again_from_disk(lab: Lab) -> None:
     node = NODES[2]
     boots = _status(lab)[node]["boots"]
     assert isinstance(boots, int)
-    lab.ssh(node, "touch /root/survives-reboot; systemctl reboot", timeout=15)
+    # A loaded host may miss an SSH connect timeout now and then: try until it got through.
+    _wait(lambda: _ran(lab, node, "touch /root/survives-reboot"), 60, f"{node} to mark its disk")
+    _wait(lambda: _ran(lab, node, "systemctl --no-block reboot"), 60, "the reboot to get through")
     _wait(lambda: _status(lab)[node]["boots"] == boots + 1, 60, f"{node} to reboot")
     _wait(lambda: lab.ssh(node, "true", timeout=10).returncode == 0, 120, f"SSH on {node}")
     assert lab.ssh(node, "test -f /root/survives-reboot").returncode == 0  # same disk
@@ -206,7 +213,7 @@ def test_reboot_inside_the_node_boots_it_again_from_disk(lab: Lab) -> None:
 
 def test_poweroff_inside_the_node_is_seen_by_its_bmc(lab: Lab) -> None:
     node = NODES[0]
-    lab.ssh(node, "systemctl poweroff", timeout=15)
+    _wait(lambda: _ran(lab, node, "systemctl --no-block poweroff"), 60, "the poweroff to go")
     _wait(lambda: _status(lab)[node]["phase"] == "off", 60, f"{node} off")
     status = _cli(lab, "bmc", "power", "status", str(lab.spec), "--nodes", node, "-o", "json")
     assert json.loads(status.stdout.splitlines()[0])["value"] == "off"

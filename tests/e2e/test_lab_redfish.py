@@ -118,6 +118,11 @@ def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def _ran(lab: Lab, command: str) -> bool:
+    """Whether ``command`` ran on the node (exit 0)."""
+    return lab.ssh(command, timeout=15).returncode == 0
+
+
 def _ssh_refused() -> bool:
     try:
         socket.create_connection((IP, 22), timeout=3).close()
@@ -202,7 +207,10 @@ def test_a_reboot_inside_boots_from_disk_as_the_override_was_one_time(lab: Lab) 
     before = time.time()
     boots = lab.node()["boots"]
     assert isinstance(boots, int)
-    lab.ssh("touch /root/survives-reboot; systemctl reboot", timeout=15)
+    # A loaded host may miss an SSH connect timeout now and then: each command is tried
+    # again until it got through (the reboot: until the node booted again).
+    _wait(lambda: _ran(lab, "touch /root/survives-reboot"), 60, f"{NODE} to mark its disk")
+    _wait(lambda: _ran(lab, "systemctl --no-block reboot"), 60, "the reboot to get through")
     _wait(lambda: lab.node()["boots"] == boots + 1, 60, f"{NODE} to reboot")
     _wait(lambda: lab.ssh("true", timeout=10).returncode == 0, 120, f"SSH on {NODE}")
     assert lab.ssh("test -f /root/survives-reboot").returncode == 0  # the same disk
@@ -211,7 +219,7 @@ def test_a_reboot_inside_boots_from_disk_as_the_override_was_one_time(lab: Lab) 
 
 
 def test_poweroff_inside_is_seen_by_the_redfish_bmc(lab: Lab) -> None:
-    lab.ssh("systemctl poweroff", timeout=15)
+    _wait(lambda: _ran(lab, "systemctl --no-block poweroff"), 60, "the poweroff to get through")
     _wait(lambda: lab.node()["phase"] == "off", 60, f"{NODE} off")
     _wait(lambda: lab.bmc_power() == "off", 30, "the BMC to report off")
     assert lab.node()["power"] == "off"

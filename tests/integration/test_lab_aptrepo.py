@@ -18,6 +18,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,22 @@ def test_two_builds_with_one_key_are_byte_identical(tmp_path: Path, fleet: Fleet
     second = build_repo(fleet, tmp_path / "b", LAB_ADDRESS)
     assert second.built == first.built == len(_tree(tmp_path / "b" / "cache" / "debs"))
     assert _tree(first.root) == _tree(second.root)
+
+
+def test_builds_at_once_into_two_web_roots_share_one_cache_and_one_key(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    """Two labs brought up at once: each its own web root, one cache of .debs and one key."""
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(
+            lambda name: build_repo(fleet, tmp_path / name, LAB_ADDRESS, cache=cache), "ab"
+        )
+    assert first.fingerprint == second.fingerprint
+    assert first.built + second.built == len(_tree(cache / "debs"))  # each .deb built once
+    assert {first.built, second.built} == {0, first.built + second.built}
+    assert _tree(first.root) == _tree(second.root)
+    assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "b" / "cache").exists()
 
 
 def test_a_second_build_reuses_everything(tmp_path: Path, fleet: Fleet) -> None:
