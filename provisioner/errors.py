@@ -92,6 +92,23 @@ class PlaybookFailed(ProvisionerError):
     """An Ansible playbook run failed."""
 
 
+class TerraformFailed(ProvisionerError):
+    """A terraform command (``init``, ``workspace``, ``plan``, ``apply``, ``output``) failed,
+    could not start (no terraform installed) or ran out of time.
+
+    ``exit_code`` is None when terraform never ran or was stopped; ``stderr`` keeps the tail of
+    what it printed. Neither, nor the message, ever holds a secret (the pg connection string).
+    """
+
+    def __init__(
+        self, command: str, message: str, *, exit_code: int | None = None, stderr: str = ""
+    ) -> None:
+        self.command = command
+        self.exit_code = exit_code
+        self.stderr = stderr
+        super().__init__(message)
+
+
 class BurninFailed(ProvisionerError):
     """A burn-in run could not produce a result."""
 

@@ -18,6 +18,7 @@ from provisioner.cli import (  # noqa: F401 - registers commands
     configure,
     demo,
     lab,
+    plan,
     spec,
     state,
 )

@@ -7,7 +7,10 @@ changes a node (it asks :func:`check_move` first, inside its transaction)::
 
     enrolled -> powering_on -> pxe_booting -> installing -> configuring -> burning_in -> ready
     ready -> draining -> upgrading -> burning_in -> ready          (rolling upgrade)
-    any step -> failed (last_error kept)   burning_in -> quarantined   * -> retired
+    draining -> burning_in                                         (re-burn-in, drained)
+    draining -> enrolled                                           (reimage, by a plan)
+    any step -> failed (last_error kept)   burning_in | upgrading -> quarantined
+    * -> retired
 
 Resuming. A run that stops (crash, kill -9, Ctrl-C) leaves each node in the step it was in;
 the next run carries on with that step, so no move is needed to resume. A node that *failed*
@@ -19,9 +22,13 @@ remembers the step it failed in (``failed_in``) and leaves ``failed`` only
   (:attr:`Retry.before_install`), or
 * for ``retired``.
 
-So once a node has passed ``installing`` no path leads back to ``pxe_booting``: a re-run can
-never PXE-boot (and so reinstall) a node whose OS is in place. Reinstalling such a node on
-purpose is not a lifecycle move; retire it and enroll it under a new name, or add a row here.
+So once a node has passed ``installing`` no failure or re-run leads back to ``pxe_booting``:
+a re-run can never PXE-boot (and so reinstall) a node whose OS is in place. The one way back
+is on purpose: a reimage that a reviewed plan names (its image changed) drains the node and
+moves it ``draining -> enrolled``, and its bring-up starts over from there.
+
+A failed upgrade rolls the node back to its previous stack and keeps it out of use:
+``upgrading -> quarantined`` (or ``burning_in -> quarantined`` when its burn-in failed).
 """
 
 from __future__ import annotations
@@ -111,6 +118,9 @@ def _rows() -> Iterator[Transition]:
     yield Transition(S.draining, S.upgrading, "rolling upgrade: the node is idle")
     yield Transition(S.draining, S.ready, "rolling upgrade called off: resume the node")
     yield Transition(S.upgrading, S.burning_in, "upgraded: burn in again")
+    yield Transition(S.upgrading, S.quarantined, "upgrade failed: rolled back, kept out of use")
+    yield Transition(S.draining, S.burning_in, "re-burn-in: the node is drained and idle")
+    yield Transition(S.draining, S.enrolled, "reimage: the node is drained; bring it up anew")
     yield Transition(S.ready, S.burning_in, "re-burn a ready node")
     yield Transition(S.quarantined, S.burning_in, "re-test a quarantined node")
     yield Transition(S.quarantined, S.configuring, "re-configure a quarantined node")

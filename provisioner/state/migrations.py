@@ -9,6 +9,8 @@ old step (a test checks that migrating from nothing gives exactly schema.py's co
 * version 1: the first schema (runs, nodes, transitions, events, burn-in results, locks).
 * version 2: ``transitions.error`` (the error of a move to failed or quarantined, apart from
   its detail) and indexes for a node's history and a run's events.
+* version 3: ``node_facts``: per node and kind (bmc, image, stack, floors, terraform) what
+  the step that established it recorded, which plans compare with the spec.
 """
 
 from __future__ import annotations
@@ -147,9 +149,26 @@ def _v2(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_events_run ON events (run_id, id)"))
 
 
+def _v3(conn: Connection) -> None:
+    facts = MetaData()
+    Table("nodes", facts, Column("name", String(255), primary_key=True))
+    Table("runs", facts, Column("id", String(64), primary_key=True))
+    Table(
+        "node_facts",
+        facts,
+        Column("node", String(255), ForeignKey("nodes.name"), primary_key=True),
+        Column("kind", String(32), primary_key=True),
+        Column("data", Text, nullable=False),
+        Column("run_id", String(64), ForeignKey("runs.id"), nullable=False),
+        Column("at", DateTime, nullable=False),
+    )
+    facts.tables["node_facts"].create(conn)
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "the first schema", _v1),
     Step(2, "transitions.error; indexes for history and events", _v2),
+    Step(3, "node_facts: what each node was last given, per kind", _v3),
 )
 assert [s.version for s in STEPS] == list(range(1, SCHEMA_VERSION + 1))
 

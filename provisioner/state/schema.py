@@ -27,7 +27,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
 #: The schema version this code reads and writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -142,4 +142,14 @@ locks = Table(
     Column("run_id", String(64), ForeignKey("runs.id"), nullable=False),
     Column("acquired_at", UtcDateTime, nullable=False),
     Column("heartbeat_at", UtcDateTime, nullable=False),
+)
+
+node_facts = Table(  # version 3
+    "node_facts",
+    metadata,
+    Column("node", String(255), ForeignKey("nodes.name"), primary_key=True),
+    Column("kind", String(32), primary_key=True),  # bmc, image, stack, floors, terraform
+    Column("data", Text, nullable=False),  # JSON object; never a secret (references only)
+    Column("run_id", String(64), ForeignKey("runs.id"), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
 )

@@ -173,13 +173,16 @@ class Store:
         detail: str | None = None,
         error: str | None = None,
         expected: State | None = None,
+        facts: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> NodeRecord:
         """Move ``node`` to ``to``: the one function that changes a node's state.
 
         Refused with :class:`~provisioner.state.lifecycle.IllegalTransition` when the table
         does not allow it, with :class:`StateConflict` when ``expected`` is given and the node
         is in another state; nothing is written then. A move to ``failed`` needs ``error``
-        (kept as the node's last error, with the step it failed in)."""
+        (kept as the node's last error, with the step it failed in). ``facts`` (kind ->
+        JSON object) are recorded in the same transaction: what the step that ends with this
+        move established (the stack configured, the image installed)."""
         to = State(to)
         if to is State.failed and not error:
             raise StateError(f"{node}: a move to failed needs the error")
@@ -204,6 +207,8 @@ class Store:
                     error=error,
                 )
             )
+            for kind, data in (facts or {}).items():
+                _put_fact(conn, node, kind, data, run_id, values["updated_at"])
             moved = conn.execute(select(t.nodes).where(t.nodes.c.name == node)).one()
         return NodeRecord.from_row(moved)
 
@@ -246,6 +251,22 @@ class Store:
         with reading(self.engine) as conn:
             rows = conn.execute(query.order_by(t.transitions.c.id)).all()
         return [TransitionRecord.from_row(row) for row in rows]
+
+    # ------------------------------------------------------------------ facts
+
+    def set_facts(self, kind: str, facts: Mapping[str, Mapping[str, Any]], run_id: str) -> None:
+        """Record a fact of ``kind`` for each node (node -> JSON object), replacing the one it
+        had; for facts that come with no move (Terraform's outputs, a BMC update)."""
+        at = now()
+        with writing(self.engine) as conn:
+            for node, data in facts.items():
+                _put_fact(conn, node, kind, data, run_id, at)
+
+    def facts(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Every node's recorded fact of ``kind``: node -> the JSON object."""
+        query = select(t.node_facts.c.node, t.node_facts.c.data).where(t.node_facts.c.kind == kind)
+        with reading(self.engine) as conn:
+            return {row.node: json.loads(row.data) for row in conn.execute(query)}
 
     # ------------------------------------------------------------------ runs and events
 
@@ -352,6 +373,26 @@ class Store:
             )
             for row in rows
         ]
+
+
+def _put_fact(
+    conn: Connection, node: str, kind: str, data: Mapping[str, Any], run_id: str, at: Any
+) -> None:
+    values = {
+        "node": node,
+        "kind": kind,
+        "data": json.dumps(data, sort_keys=True, default=str),
+        "run_id": run_id,
+        "at": at,
+    }
+    insert = pg_insert if is_postgres(conn) else sqlite_insert
+    statement = insert(t.node_facts).values(**values)
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["node", "kind"],
+            set_={"data": values["data"], "run_id": run_id, "at": at},
+        )
+    )
 
 
 def _follow_spec(

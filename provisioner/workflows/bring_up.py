@@ -49,10 +49,11 @@ from provisioner.bmc import operations as ops
 from provisioner.bmc.base import BootDevice, PowerAction, PowerState
 from provisioner.bmc.fanout import FanOut, Policy, Target
 from provisioner.boot.events import EventLog
-from provisioner.burnin.document import BurninDocumentError, load_document
+from provisioner.burnin.document import BurninDocumentError, Level, load_document
 from provisioner.burnin.results import agent_path, collect, judge_all, reasons_from
 from provisioner.burnin.verdict import READY, Check, NodeVerdict, Verdict
 from provisioner.errors import ProvisionerError
+from provisioner.plan.desired import Desired
 from provisioner.runner.ansible import end_orphaned_runs, run_playbook
 from provisioner.spec import Fleet, Node
 from provisioner.state.lifecycle import BEFORE_INSTALL, State
@@ -206,6 +207,7 @@ class BringUp:
         self._burn: Batcher[BurninOutcome | str] = Batcher(self._burn_batch, caps)
         self.run_id = ""
         self._errors: dict[str, str] = {}
+        self._desired = Desired(fleet)
 
     def run(self) -> Outcome:
         """Bring the nodes up; returns where each ended. Raises
@@ -296,7 +298,7 @@ class BringUp:
             since = self._entered(name, S.powering_on)
             wait = self.timeouts.install
             self._wait(name, "no install callback", wait, self.steps.installed, since)
-            self._move(name, S.configuring, "the installer called back")
+            self._move(name, S.configuring, "the installer called back", facts=("image",))
         elif state is S.configuring:
             self._configure_node(name)
         elif state is S.burning_in:
@@ -312,14 +314,14 @@ class BringUp:
         self._stagger.wait(self._rack(name))
         with self._bmc:
             done = self.steps.network_boot(name)
-        self._move(name, S.pxe_booting, f"FRU serial {serial}; {done}")
+        self._move(name, S.pxe_booting, f"FRU serial {serial}; {done}", facts=("bmc",))
 
     def _configure_node(self, name: str) -> None:
         self._wait(name, "SSH does not answer", self.timeouts.ssh, self._reachable, 0.0)
         error = self._configure.submit(name).result()
         if error is not None:
             raise StepFailed(error)
-        self._move(name, S.burning_in, "site.yml configured the NVIDIA stack")
+        self._move(name, S.burning_in, "site.yml configured the NVIDIA stack", facts=("stack",))
 
     def _burn_in(self, name: str) -> None:
         since = self._entered(name, S.burning_in)
@@ -328,9 +330,9 @@ class BringUp:
             result = saved[-1]
             detail = f"burn-in {result.verdict} (saved by run {result.run_id})"
             if result.verdict == READY:
-                self._move(name, S.ready, detail)
+                self._move(name, S.ready, detail, facts=("floors",))
             else:
-                why = _failing(c for c in result.checks if c.get("verdict") == str(Verdict.FAIL))
+                why = failing(c for c in result.checks if c.get("verdict") == str(Verdict.FAIL))
                 self._move(name, S.quarantined, detail, error=why or "burn-in failed")
             return
         outcome = self.steps.fetched(name, since)
@@ -346,9 +348,9 @@ class BringUp:
         )
         kill_point("burnin-saved", name)
         if verdict.ready:
-            self._move(name, S.ready, "burn-in passed")
+            self._move(name, S.ready, "burn-in passed", facts=("floors",))
             return
-        why = _failing(check.as_dict() for check in verdict.failing)
+        why = failing(check.as_dict() for check in verdict.failing)
         self._move(name, S.quarantined, f"burn-in failed: {why}", error=why)
 
     def _burn_batch(self, nodes: Sequence[str]) -> Mapping[str, BurninOutcome | str]:
@@ -390,10 +392,28 @@ class BringUp:
         return self.fleet.by_name[name].rack
 
     def _move(
-        self, name: str, to: State, detail: str | None = None, *, error: str | None = None
+        self,
+        name: str,
+        to: State,
+        detail: str | None = None,
+        *,
+        error: str | None = None,
+        facts: Sequence[str] = (),
     ) -> None:
+        """Move the node, recording with the move the spec's ``facts`` (kinds) that the step
+        just established (the image installed, the stack configured ...)."""
         before = self._record(name).state
-        self.store.move(name, to, run_id=self.run_id, detail=detail, error=error, expected=before)
+        node = self.fleet.by_name[name]
+        recorded = {kind: self._desired.fact(kind, node) for kind in facts}
+        self.store.move(
+            name,
+            to,
+            run_id=self.run_id,
+            detail=detail,
+            error=error,
+            expected=before,
+            facts=recorded,
+        )
         self._say(Move(name, before, to, detail, error))
 
     def _say(self, move: Move) -> None:
@@ -520,8 +540,10 @@ class SiteSteps:
         key: Path | None = None,
         fan: FanOut | None = None,
         extravars: Mapping[str, Any] | None = None,
+        burnin_level: Level | None = None,
     ) -> None:
         self.fleet = fleet
+        self.burnin_level = burnin_level  # None: each profile's
         self.render_dir = render_dir.absolute()
         self.events = EventLog(boot_events)
         self.key = key
@@ -595,6 +617,7 @@ class SiteSteps:
             extravars={
                 "burnin_agent_path": str(agent_path()),
                 "burnin_results_dir": str(results_dir),
+                **({"burnin_level": self.burnin_level} if self.burnin_level else {}),
             },
         )
         documents, missing = collect(results_dir, nodes, reasons_from(played, nodes))
@@ -602,7 +625,7 @@ class SiteSteps:
         for node in nodes:
             kill_point("burnin-fetched", node)
         out: dict[str, BurninOutcome | str] = {m.node: m.reason for m in missing}
-        verdicts, strangers = judge_all(self.fleet, documents)
+        verdicts, strangers = judge_all(self.fleet, documents, self.burnin_level)
         out |= {m.node: m.reason for m in strangers}
         paths = {document.node: path for path, document in documents}
         for verdict in verdicts:
@@ -620,7 +643,7 @@ class SiteSteps:
                 document = load_document(path)
             except BurninDocumentError:
                 continue
-            verdicts, _ = judge_all(self.fleet, [(path, document)])
+            verdicts, _ = judge_all(self.fleet, [(path, document)], self.burnin_level)
             if verdicts:
                 return BurninOutcome(verdicts[0], _raw(path))
         return None
@@ -633,7 +656,7 @@ class SiteSteps:
         self.fan.close()
 
 
-def _failing(checks: Iterable[Mapping[str, Any]]) -> str:
+def failing(checks: Iterable[Mapping[str, Any]]) -> str:
     """The failing checks, as a node's last error says them."""
     return "; ".join(
         f"{Check.from_dict(dict(check)).name}: {check.get('reason')}" for check in checks
@@ -663,8 +686,11 @@ def site_steps(
     *,
     key: Path | None = None,
     extravars: Mapping[str, Any] | None = None,
+    burnin_level: Level | None = None,
 ) -> Iterator[SiteSteps]:
-    steps = SiteSteps(fleet, render_dir, boot_events, key=key, extravars=extravars)
+    steps = SiteSteps(
+        fleet, render_dir, boot_events, key=key, extravars=extravars, burnin_level=burnin_level
+    )
     try:
         yield steps
     finally:

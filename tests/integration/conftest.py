@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.peers.postgres import PostgresServer, PostgresUnavailable, start_postgres
+from tests.peers.slurm import SlurmCluster, SlurmUnavailable, start_slurm
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +34,19 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """A real Slurm cluster for the session (tests.peers.slurm): munged, slurmctld and a slurmd
+    for each of gpu-lab-01..04 on loopback. Root only: slurmd runs jobs as their user."""
+    try:
+        cluster = start_slurm()
+    except SlurmUnavailable as exc:
+        pytest.skip(str(exc))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

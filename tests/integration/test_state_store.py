@@ -131,6 +131,23 @@ def test_an_illegal_move_is_refused_and_writes_nothing(store: Store) -> None:
     assert (store.node("a"), store.history("a")) == before
 
 
+def test_facts_are_recorded_with_the_move_that_established_them(store: Store) -> None:
+    run = _enrolled(store, "a", "b")
+    stack = {"name": "h100-570", "hash": "abc", "versions": {"driver": "570.133.20"}}
+    store.move("a", S.powering_on, run_id=run, facts={"bmc": {"endpoint": "ipmi://x"}})
+    assert store.facts("bmc") == {"a": {"endpoint": "ipmi://x"}}
+    # A refused move records no fact either: they go in one transaction.
+    with pytest.raises(IllegalTransition):
+        store.move("b", S.ready, run_id=run, facts={"stack": stack})
+    assert store.facts("stack") == {}
+    store.set_facts("stack", {"a": stack, "b": {**stack, "hash": "def"}}, run)
+    store.set_facts("stack", {"b": stack}, run)  # replaces b's
+    assert store.facts("stack") == {"a": stack, "b": stack}
+    assert store.facts("image") == {}
+    with pytest.raises(Exception):  # noqa: B017 - a fact needs an enrolled node (foreign key)
+        store.set_facts("stack", {"nope": stack}, run)
+
+
 def test_a_failed_node_is_retried_where_it_failed_and_keeps_its_error(store: Store) -> None:
     run = _enrolled(store, "a")
     for step in (S.powering_on, S.pxe_booting, S.installing, S.configuring):
@@ -500,7 +517,8 @@ def test_a_database_from_a_newer_provisioner_is_refused(url: str) -> None:
                 version=schema.SCHEMA_VERSION + 1, migrated_at=schema.now()
             )
         )
-    with pytest.raises(SchemaTooNew, match=r"schema version 3, newer than this provisioner"):
+    newer = schema.SCHEMA_VERSION + 1
+    with pytest.raises(SchemaTooNew, match=rf"schema version {newer}, newer than this provisioner"):
         open_store(url, None)
 
 
