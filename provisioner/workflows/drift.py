@@ -42,10 +42,15 @@ class Gathered:
 def parse(document: Mapping[str, Any]) -> Gathered:
     """drift.yml's document -> :class:`Gathered` (pure)."""
     packages: dict[str, str] = {}
+    held = {str(h).strip() for h in document.get("holds") or [] if str(h).strip()}
     for line in document.get("dpkg") or []:
+        # dpkg's abbreviated status: the wanted state (i install, h hold ...), then the
+        # package's (i installed, n not installed, c config files only ...).
         parts = str(line).split("|")
-        if len(parts) == 3 and parts[0].startswith("ii"):  # installed, not just known
+        if len(parts) == 3 and parts[0][1:2] == "i":
             packages[parts[1]] = parts[2]
+            if parts[0][:1] == "h":
+                held.add(parts[1])
     for line in document.get("rpm") or []:
         parts = str(line).split("|")
         if len(parts) == 2:
@@ -58,7 +63,7 @@ def parse(document: Mapping[str, Any]) -> Gathered:
         node=str(document.get("node", "")),
         os_family=str(document.get("os_family", "")),
         packages=packages,
-        held=frozenset(str(h).strip() for h in document.get("holds") or [] if str(h).strip()),
+        held=frozenset(held),
         driver=driver,
         fabric_manager=str(document.get("fabric_manager") or "unknown"),
     )

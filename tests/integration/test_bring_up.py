@@ -255,6 +255,67 @@ def test_last_run_finishes_every_node_where_it_should(rig: Rig) -> None:
     assert callbacks == dict.fromkeys(ALIVE, 1)
 
 
+def _upgraded_spec(rig: Rig) -> Path:
+    """The bring-up's spec as a pull request would change it: the rack on h100-580, two nodes
+    out at once."""
+    text = rig.spec.read_text()
+    for old, new in (("    stack: h100-570\n", "    stack: h100-580\n"),
+                     ("  max_unavailable: 1\n", "  max_unavailable: 2\n")):  # fmt: skip
+        assert old in text, old
+        text = text.replace(old, new)
+    spec = rig.spec.with_name("upgrade.yaml")
+    spec.write_text(text)
+    return spec
+
+
+def test_a_rolling_upgrade_of_the_ready_nodes_keeps_its_window_and_leaves_no_drift(
+    rig: Rig,
+) -> None:
+    """The three ready nodes, from h100-570 to h100-580 through driver-upgrade.yml for real:
+    the canary alone first, then never more than two out at once (from the transitions);
+    each node on the new stack, and drift finds nothing; a hold lifted by hand is found."""
+    spec = _upgraded_spec(rig)
+    render = rig.lab.root / "render-upgrade"
+    common = ("--state", rig.url, "--render", str(render), "--key", str(rig.lab.key))
+    planned = rig.lab.cli("plan", str(spec), "--state", rig.url, "--format", "json",
+                          "--detailed-exitcode")  # fmt: skip
+    assert planned.returncode == 2, planned.stdout + planned.stderr
+    assert json.loads(planned.stdout)["summary"] == {"bring-up": 1, "upgrade-stack": 3}
+    done = rig.lab.cli("upgrade", str(spec), "--stack", "h100-580", *common, "-o", "json",
+                       timeout=RUN_TIMEOUT)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])["upgrade"]
+    assert sorted(summary["upgraded"]) == ALIVE and not summary["failed"], summary
+    out: set[str] = set()
+    most = 0
+    with open_store(rig.url, None, create=False) as store:
+        rows = sorted((r.id, r.node, r.to_state) for n in ALIVE for r in store.history(n))
+        stacks = store.facts("stack")
+    upgrade_rows = [row for row in rows if row[2] in (State.draining, State.upgrading)]
+    first = upgrade_rows[0][1]  # the canary: ready again before any other node is drained
+    canary_done = max(i for i, node, to in rows if node == first and to is State.ready)
+    assert all(i > canary_done for i, node, to in upgrade_rows if node != first)
+    for _, node, to in rows:
+        if to in (State.draining, State.upgrading) or (to is State.burning_in and node in out):
+            out.add(node)
+        else:
+            out.discard(node)
+        most = max(most, len(out))
+    assert most == 2
+    assert {stacks[n]["name"] for n in ALIVE} == {"h100-580"}
+    drift = rig.lab.cli("drift", str(spec), *common, timeout=300)
+    assert drift.returncode == 0, drift.stdout + drift.stderr
+    assert "3 nodes read: 0 drifted" in drift.stdout
+    lifted = rig.lab.ssh("gpu-lab-02", "apt-mark unhold nvidia-utils-580")
+    assert lifted.returncode == 0, lifted.stderr
+    drift = rig.lab.cli("drift", str(spec), *common, timeout=300)
+    assert drift.returncode == 2, drift.stdout + drift.stderr
+    assert "gpu-lab-02: drifted\n  nvidia-utils-580: not held" in drift.stdout
+    rig.lab.ssh("gpu-lab-02", "apt-mark hold nvidia-utils-580")
+    replanned = rig.lab.cli("plan", str(spec), "--state", rig.url, "--format", "json")
+    assert json.loads(replanned.stdout)["summary"] == {"bring-up": 1}, replanned.stdout
+
+
 def test_the_bmc_password_is_nowhere_written(rig: Rig) -> None:
     """The state database, the render and its run folders, the bring-up logs, the lab's own
     folder and logs (the nodes' consoles too; their disks are left out)."""

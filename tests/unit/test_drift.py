@@ -39,6 +39,9 @@ def document(**changes: Any) -> dict[str, Any]:
 
 
 def test_a_node_on_its_recorded_stack_has_no_drift() -> None:
+    # dpkg marks held packages "hi" (wanted: hold; installed); apt-mark lists them too.
+    held = [f"hi |{p.name}|{p.version}" for p in PACKAGES]
+    assert differences(FACT, parse(document(dpkg=held))) == []
     gathered = parse(document())
     assert gathered.driver == "570.133.20" and gathered.fabric_manager == "active"
     assert "nvidia-driver-560-open" not in gathered.packages  # known to dpkg, not installed
