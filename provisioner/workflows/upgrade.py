@@ -332,8 +332,9 @@ class Upgrade:
             self._results[name] = result
             failures = sum(1 for r in self._results.values() if r == "failed")
             if failures > self.limits.max_failures and self._halted is None:
+                nodes = "1 node" if failures == 1 else f"{failures} nodes"
                 self._halted = (
-                    f"{failures} nodes failed, more than max_failures ({self.limits.max_failures})"
+                    f"{nodes} failed, more than max_failures ({self.limits.max_failures})"
                 )
             self._cond.notify_all()
 

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -314,6 +315,76 @@ def test_a_rolling_upgrade_of_the_ready_nodes_keeps_its_window_and_leaves_no_dri
     rig.lab.ssh("gpu-lab-02", "apt-mark hold nvidia-utils-580")
     replanned = rig.lab.cli("plan", str(spec), "--state", rig.url, "--format", "json")
     assert json.loads(replanned.stdout)["summary"] == {"bring-up": 1}, replanned.stdout
+
+
+def test_a_rollout_killed_mid_way_resumes_and_a_failure_past_the_budget_rolls_back(
+    rig: Rig,
+) -> None:
+    """Back to h100-570, one node at a time and no failure allowed: the run is SIGKILLed
+    right after the canary's playbook ran; the re-run takes the canary up where it stopped,
+    then gpu-lab-02 fails its burn-in (a GPU lost, written into its simulated hardware):
+    it goes back to h100-580 for real, stays quarantined, and the rollout halts before
+    gpu-lab-04. No node was upgraded twice."""
+    text = _upgraded_spec(rig).read_text()
+    text = text.replace("    stack: h100-580\n", "    stack: h100-570\n")
+    text = text.replace("  max_unavailable: 2\n", "  max_unavailable: 1\n")
+    text = text.replace("  max_failures: 1\n", "  max_failures: 0\n")
+    spec = rig.spec.with_name("back.yaml")
+    spec.write_text(text)
+    with open_store(rig.url, None, create=False) as store:
+        before = {n: _upgrades(store, n) for n in ALIVE}
+    render = rig.lab.root / "render-back"
+    argv = [str(REPO / ".venv/bin/provisioner"), "upgrade", str(spec), "--stack", "h100-570",
+            "--state", rig.url, "--render", str(render), "--key", str(rig.lab.key),
+            "-o", "json"]  # fmt: skip
+    killed = subprocess.run(argv, env={**rig.lab.env, "PROVISIONER_KILL_AT": "upgraded:*"},
+                            cwd=rig.lab.root, capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT, check=False)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    canary = next(n for n, record in rig.nodes().items() if record.state is State.upgrading)
+    assert canary == "gpu-lab-01"
+    hardware = rig.lab.root / "state" / rig.lab.site / "nodes" / "gpu-lab-02" / "hardware"
+    original = (hardware / "gpus.json").read_text()
+    lost = json.loads(original)
+    lost["gpus"][3]["present"] = False  # the GPU fell off the bus
+    (hardware / "gpus.json").write_text(json.dumps(lost))
+    try:
+        done = subprocess.run(argv, env=rig.lab.env, cwd=rig.lab.root, capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT, check=False)  # fmt: skip
+    finally:
+        (hardware / "gpus.json").write_text(original)
+    assert done.returncode == 1, done.stdout + done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])["upgrade"]
+    assert summary["upgraded"] == ["gpu-lab-01"] and summary["failed"] == ["gpu-lab-02"]
+    assert summary["not_started"] == ["gpu-lab-04"] and "max_failures (0)" in summary["halted"]
+    nodes = rig.nodes()
+    failed = nodes["gpu-lab-02"]
+    assert failed.state is State.quarantined, failed
+    assert "gpu_count" in (failed.last_error or "") and "rolled back to stack h100-580" in (
+        failed.last_error or ""
+    )
+    assert nodes["gpu-lab-04"].state is State.ready
+    with open_store(rig.url, None, create=False) as store:
+        stacks = store.facts("stack")
+        after = {n: _upgrades(store, n) for n in ALIVE}
+    assert {n: stacks[n]["name"] for n in ALIVE} == {
+        "gpu-lab-01": "h100-570", "gpu-lab-02": "h100-580", "gpu-lab-04": "h100-580"
+    }  # fmt: skip
+    assert {n: after[n] - before[n] for n in ALIVE} == {
+        "gpu-lab-01": 1, "gpu-lab-02": 1, "gpu-lab-04": 0
+    }  # fmt: skip
+    # The way back ran for real: the node's packages are h100-580's again, held.
+    smi = rig.lab.ssh("gpu-lab-02", "dpkg-query -W -f='${Version}' nvidia-utils-580")
+    assert smi.stdout == "580.65.06-0ubuntu1", smi.stdout + smi.stderr
+
+
+def _upgrades(store: Any, node: str) -> int:
+    """How many times the node went draining -> upgrading, ever."""
+    return sum(
+        1
+        for row in store.history(node)
+        if (row.from_state, row.to_state) == (State.draining, State.upgrading)
+    )
 
 
 def test_the_bmc_password_is_nowhere_written(rig: Rig) -> None:

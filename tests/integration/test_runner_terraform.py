@@ -274,3 +274,30 @@ def test_a_spec_without_terraform_section_is_refused(tmp_path: Path) -> None:
     fleet = load_fleet(pod_copy(tmp_path / "pod", section=""))
     with pytest.raises(ValueError, match="has no terraform: section"):
         terraform_apply(fleet)
+
+
+def test_apply_runs_the_module_first_and_its_node_outputs_land_in_state(
+    pod: Fleet, tmp_path: Path
+) -> None:
+    """``apply`` with the real terraform stage (the example module through python-terraform);
+    the bring-up itself is a fake here (tests/unit/test_apply_workflow.FakeParts, which walks
+    the nodes through the store's own moves): its real one needs the pod's hardware."""
+    from provisioner.state.store import open_store
+    from provisioner.workflows.apply import Apply, current_plan
+    from tests.unit.test_apply_workflow import FakeParts
+
+    class Parts(FakeParts):
+        def terraform(self) -> dict[str, object]:
+            self.calls.append(("terraform", ()))
+            return terraform_apply(pod).outputs
+
+    with open_store(f"sqlite:///{tmp_path / 'state.db'}", None) as store:
+        parts = Parts(store, pod.document.metadata.site)
+        outcome = Apply(pod, current_plan(pod, store), store, parts).run()
+        facts = store.facts("terraform")
+    assert outcome.ok and [call for call, _ in parts.calls] == ["terraform", "bring_up"]
+    assert len(facts) == 128
+    node = pod.nodes[0]
+    domain = pod.document.networks.provisioning.domain
+    assert facts[node.name]["dns_name"] == f"{node.name}.{domain}"
+    assert facts[node.name]["rack"] == node.rack

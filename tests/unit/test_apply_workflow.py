@@ -32,8 +32,9 @@ S = State
 class FakeParts:
     """Stands in for BMCs, Terraform and the bring-up/upgrade runs; records every call."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, site: str = "lab") -> None:
         self.store = store
+        self.site = site
         self.scheduler = FakeScheduler()
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.bmc_errors: dict[str, str] = {}
@@ -57,9 +58,8 @@ class FakeParts:
     def bring_up(self, nodes: Sequence[Node]) -> Outcome:
         """Each node from where it is to ready, through the store's moves."""
         self.calls.append(("bring_up", tuple(n.name for n in nodes)))
-        site = "lab"
-        run = self.store.start_run("bring-up", site)
-        self.store.enroll(nodes, site=site, run_id=run)
+        run = self.store.start_run("bring-up", self.site)
+        self.store.enroll(nodes, site=self.site, run_id=run)
         for node in nodes:
             state = self.store.node(node.name).state  # type: ignore[union-attr]
             for target in BRING_UP[BRING_UP.index(state) + 1 :]:
