@@ -249,7 +249,7 @@ def rollout_figure(work: Path, nodes: int, seed: int = 11) -> RolloutFigure:
         per_rack=None,
         max_failures=0,
         drain_timeout=60.0,
-        poll=0.05,
+        poll=5.0 / 120,  # the scheduler asked every 5 s, scaled
     )
     with open_store(f"sqlite:///{work / f'rollout-{nodes}.db'}", None) as store:
         record_ready(store, before)
@@ -260,7 +260,9 @@ def rollout_figure(work: Path, nodes: int, seed: int = 11) -> RolloutFigure:
             SimulatedSteps(fleet, stages),
             scheduler=BusyScheduler(stages),
             limits=limits,
-            caps=Caps(runs=limits.unavailable, batch=64, settle=0.05),
+            # The upgrade's own default (a run per node), the window as the only limit, the
+            # settle time scaled like the stages (2 s -> 1/120 of it).
+            caps=Caps(runs=limits.unavailable, batch=1, settle=2.0 / 120),
         )
         plan = work_.schedule()
         outcome = work_.run()

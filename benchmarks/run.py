@@ -268,8 +268,9 @@ def rollout_rows(work: Path, nodes: int) -> list[Row]:
             f"real Upgrade over a real SQLite store: canary {limits.canary}, max_unavailable "
             f"{limits.unavailable} (most out at once, from the transitions: {figure.most_out}); "
             f"seeded per-node times: jobs end 0-1 s after the drain, upgrade 2-3 s, quick "
-            f"burn-in 1-1.5 s (a playbook run lasts its slowest node); ideal = the slowest "
-            f"canary + the rest's times packed into the window; {figure.upgraded} upgraded",
+            f"burn-in 1-1.5 s (1 s here = 2 min of a rack); a playbook run per node, as the "
+            f"upgrade does by default; ideal = the slowest canary + the rest's own times packed "
+            f"into the window; {figure.upgraded} upgraded",
         )
     ]
 

@@ -31,9 +31,19 @@ def normalize_url(url: str) -> str:
 
 
 def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite") and ":memory:" not in url:
+        # A workflow runs a thread per node (hundreds in a rollout window): enough pooled
+        # connections that they queue on SQLite's own locks, not on the pool.
+        return _sqlite_engine(url)
     engine = create_engine(normalize_url(url), pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
         _sqlite_events(engine)
+    return engine
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, pool_size=32, max_overflow=96)
+    _sqlite_events(engine)
     return engine
 
 

@@ -262,6 +262,15 @@ class Store:
             for node, data in facts.items():
                 _put_fact(conn, node, kind, data, run_id, at)
 
+    def fact(self, node: str, kind: str) -> dict[str, Any] | None:
+        """The node's recorded fact of ``kind``; None when it has none."""
+        query = select(t.node_facts.c.data).where(
+            t.node_facts.c.node == node, t.node_facts.c.kind == kind
+        )
+        with reading(self.engine) as conn:
+            data = conn.execute(query).scalar_one_or_none()
+        return None if data is None else dict(json.loads(data))
+
     def facts(self, kind: str) -> dict[str, dict[str, Any]]:
         """Every node's recorded fact of ``kind``: node -> the JSON object."""
         query = select(t.node_facts.c.node, t.node_facts.c.data).where(t.node_facts.c.kind == kind)

@@ -494,7 +494,8 @@ class Batcher(Generic[R]):
                 self._idle -= 1
                 if self._closed:
                     return
-            time.sleep(self._settle)
+            if self._size > 1:  # one host a run: nothing to wait for
+                time.sleep(self._settle)
             with self._ready:
                 batch, self._queue = self._queue[: self._size], self._queue[self._size :]
             if batch:
