@@ -240,11 +240,10 @@ class Upgrade:
             return True
         if record.state is S.failed and record.failed_in in (S.draining, S.upgrading):
             return True
-        if record.state in (S.burning_in, S.failed) and (
-            record.state is S.burning_in or record.failed_in is S.burning_in
-        ):
-            return self._burning_after_upgrade(record.name)
-        return False
+        burning = record.state is S.burning_in or (
+            record.state is S.failed and record.failed_in is S.burning_in
+        )
+        return burning and self._burning_after_upgrade(record.name)
 
     def _burning_after_upgrade(self, name: str) -> bool:
         for row in reversed(self.store.history(name)):
