@@ -103,7 +103,8 @@ class _Client:
 
 
 def prepare(work: Path, nodes: int) -> _Site:
-    """A synthetic fleet of ``nodes`` nodes, rendered (its callback key made in the folder)."""
+    """A synthetic fleet of ``nodes`` nodes, rendered (its callback key made in the state
+    folder, which run.py points at its work folder)."""
     spec = write_fleet(work / f"boot-fleet-{nodes}", nodes)
     fleet = load_fleet(spec)
     render = work / f"boot-render-{nodes}"

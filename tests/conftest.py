@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,16 @@ POD_SPEC = REPO / "inventories" / "example-h100-pod" / "fleet.yaml"
 DATA = Path(__file__).resolve().parent / "data"
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """What provisioner keeps per site (the callback key it makes) goes to a state folder of
+    the session's own, which every CLI and lab process started from here inherits."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture

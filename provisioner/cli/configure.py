@@ -1,8 +1,8 @@
 """``provisioner configure``: the NVIDIA stack (playbooks/site.yml) on the nodes a spec selects.
 
 The spec is rendered first into the render folder (``--render DIR``, default ``build/`` beside
-the spec); a folder rendered before is brought up to date, writing only what changed and
-keeping its callback key, so Ansible never reads a stale inventory. Ansible is then handed
+the spec); a folder rendered before is brought up to date, writing only what changed, with the
+site's same callback key, so Ansible never reads a stale inventory. Ansible is then handed
 only the selected nodes. A terminal shows each host's progress live; ``-o json`` prints one
 JSON line per task result and a summary line. Exits 1 listing each failed host with the task
 that failed and why.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from provisioner.gcpause import paused
@@ -103,7 +102,3 @@ def tfvars(fleet: Fleet) -> dict[str, Any]:
         },
         "nodes": nodes,
     }
-
-
-def default_key_path(out_dir: Path) -> Path:
-    return out_dir / ".callback-key"

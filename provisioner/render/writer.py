@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from provisioner.spec import Fleet
 
 MANIFEST = ".provisioner-render.json"
 MIN_CALLBACK_KEY = 32  # characters of an install-callback key
-_KEEP = {MANIFEST, ".callback-key"}
+KEY_FILE = "callback-key"  # in the site's state folder (state_dir)
+_OLD_KEY_FILE = ".callback-key"  # where renders kept the key before: in the render folder
+_KEEP = {MANIFEST, _OLD_KEY_FILE}
 
 
 class RenderTargetError(ProvisionerError):
@@ -136,10 +139,24 @@ def _write_atomic(target: Path, data: bytes, mode: int = 0o644) -> None:
     os.replace(temporary, target)  # noqa: PTH105 - same call as Path.replace
 
 
+def state_dir(site: str) -> Path:
+    """This user's state folder for a site, ``$XDG_STATE_HOME/provisioner/<site>``
+    (``~/.local/state/provisioner/<site>`` by default): outside any render folder, which
+    people commit."""
+    root = Path(os.environ.get("XDG_STATE_HOME", ""))
+    if not root.is_absolute():  # unset, or relative: the XDG spec says to ignore it
+        root = Path.home() / ".local" / "state"
+    return root / "provisioner" / site
+
+
 def site_key(fleet: Fleet, out_dir: Path, *, create: bool = True) -> bytes:
     """The install-callback key of a site: the spec's ``boot.callback_key`` reference when it
-    has one, else the key kept in the render folder (made there on first use if ``create``).
-    The renderer signs tokens with it and the boot server checks them with it."""
+    has one, else the key kept in the site's state folder (made there on first use if
+    ``create``). The renderer signs tokens with it and the boot server checks them with it.
+
+    A key an older render left in ``out_dir`` is moved to the state folder by the next render
+    (nodes installing meanwhile keep valid tokens), or deleted if the site has a key there
+    already; until then a boot server reads it where it is."""
     ref = fleet.document.boot.callback_key
     if ref is not None:
         key = ref.resolve(fleet.base_dir).encode()
@@ -149,27 +166,59 @@ def site_key(fleet: Fleet, out_dir: Path, *, create: bool = True) -> bytes:
                 "or more random ones (e.g. openssl rand -hex 32)"
             )
         return key
-    if not create and not (out_dir / ".callback-key").is_file():
+    path = state_dir(fleet.document.metadata.site) / KEY_FILE
+    old = out_dir / _OLD_KEY_FILE
+    if create and old.is_file():
+        if not path.is_file():
+            _keep_key(path, _read_key(old).decode())
+        old.unlink()  # the render that follows signs with the state folder's key
+    elif old.is_file() and not path.is_file():
+        return _read_key(old)
+    if not create and not path.is_file():
         raise RenderTargetError(
-            f"{out_dir} has no callback key: render the spec into it first (provisioner render)"
+            f"no callback key for site {fleet.document.metadata.site} in {path.parent}: render "
+            "the spec first (provisioner render) as this user, or set boot.callback_key"
         )
-    return callback_key(out_dir)
+    return callback_key(path)
 
 
-def callback_key(out_dir: Path) -> bytes:
-    """The site key for install-callback tokens kept in the render folder (mode 0600),
-    made on first use. Used when the spec gives no ``boot.callback_key`` reference."""
-    path = out_dir / ".callback-key"
+def callback_key(path: Path) -> bytes:
+    """The site key for install-callback tokens kept in ``path`` (mode 0600), made on first
+    use. Used when the spec gives no ``boot.callback_key`` reference."""
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        return _keep_key(path, secrets.token_hex(32))
+
+
+def _read_key(path: Path) -> bytes:
     try:
         text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        text = secrets.token_hex(32)
-        _write_atomic(path, (text + "\n").encode(), mode=0o600)
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         raise RenderTargetError(f"cannot read the callback key {path}: {exc}") from exc
     if len(text) < MIN_CALLBACK_KEY:
         raise RenderTargetError(f"the callback key in {path} is too short; delete it to make one")
+    return text.encode()
+
+
+def _keep_key(path: Path, text: str) -> bytes:
+    """Store ``text`` as the key at ``path`` unless a key is there already (another process
+    made one meanwhile); the key the file holds then. The file appears whole or not at all."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".callback-key-", dir=path.parent)  # mode 0600
+    try:
+        try:
+            _write_all(fd, (text + "\n").encode())
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return _read_key(path)
+    finally:
+        os.unlink(temporary)  # noqa: PTH108 - mkstemp gives a str
     return text.encode()
 
 

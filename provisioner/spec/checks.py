@@ -1,4 +1,4 @@
-"""Checks that span the whole spec, run after every field is valid on its own.
+"""Checks that span the whole spec, run on the fields that are valid on their own.
 
 Each finding is a :class:`Problem` with file:line and field path; all are collected, none stops
 the others. Errors make the spec invalid; warnings are printed and the spec still loads.
@@ -14,8 +14,11 @@ from provisioner.errors import Location, Problem
 from provisioner.spec.catalog import load_catalog
 from provisioner.spec.fleet import Node, locate
 from provisioner.spec.models import FleetDocument, driver_at_least
+from provisioner.spec.partial import NO_GAPS, Gaps
 from provisioner.spec.source import PathKey, SourceMap, format_path
 from provisioner.spec.types import ipv4_int
+
+_Found = dict[tuple[PathKey, str, str], list[tuple[Node, str]]]  # (place, field, reason) -> hits
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -35,10 +38,18 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 
 class Checker:
-    def __init__(self, document: FleetDocument, source: SourceMap, nodes: list[Node]) -> None:
+    def __init__(
+        self,
+        document: FleetDocument,
+        source: SourceMap,
+        nodes: list[Node],
+        gaps: Gaps = NO_GAPS,
+    ) -> None:
         self.doc = document
         self.source = source
         self.nodes = nodes
+        # What failed validation: checks that would need it are left out, never guessed.
+        self.gaps = gaps
         self.problems: list[Problem] = []
 
     # ------------------------------------------------------------------ reporting
@@ -74,14 +85,19 @@ class Checker:
             "stack": self.doc.stacks,
             "image": self.doc.images,
         }
-        for r, rack in enumerate(self.doc.racks):
+        gaps = self.gaps
+        racks = self.doc.racks
+        for r, rack in zip(gaps.indices(("racks",), len(racks)), racks, strict=True):
             holders: list[tuple[PathKey, object]] = [(("racks", r), rack)]
-            holders += [(("racks", r, "nodes", n), spec) for n, spec in enumerate(rack.nodes)]
-            holders += [(("racks", r, "ranges", g), spec) for g, spec in enumerate(rack.ranges)]
+            for part, items in (("nodes", rack.nodes), ("ranges", rack.ranges)):
+                written = gaps.indices(("racks", r, part), len(items))
+                holders += [
+                    (("racks", r, part, i), item) for i, item in zip(written, items, strict=True)
+                ]
             for path, holder in holders:
                 for kind, known in kinds.items():
                     name = getattr(holder, kind)
-                    if name is not None and name not in known:
+                    if name is not None and name not in known and not gaps.unknowable(kind, name):
                         self.at(
                             (*path, kind),
                             f"unknown {kind} {name!r}{did_you_mean(name, known)}",
@@ -162,11 +178,11 @@ class Checker:
                 )
 
     def network_plan(self) -> None:
-        net = self.doc.networks.provisioning
+        net = None if self.gaps.networks else self.doc.networks.provisioning
         base: PathKey = ("networks", "provisioning")
-        if net.gateway not in net.cidr:
+        if net is not None and net.gateway not in net.cidr:
             self.at((*base, "gateway"), f"gateway {net.gateway} is outside {net.cidr}")
-        if net.dhcp_range is not None:
+        if net is not None and net.dhcp_range is not None:
             for end in ("start", "end"):
                 address = getattr(net.dhcp_range, end)
                 if address not in net.cidr:
@@ -178,20 +194,22 @@ class Checker:
             self.at(("networks", "bmc", "gateway"), f"gateway {bmc.gateway} is outside {bmc.cidr}")
 
     def addresses(self) -> None:
-        # Integer comparisons: this runs once per node, for fleets of tens of thousands.
+        found: _Found = defaultdict(list)
+        if not self.gaps.networks:
+            self._provisioning_addresses(found)
+        self._bmc_addresses(found)
+        for (_, attribute, problem), hits in found.items():
+            self._address_problem(attribute, problem, hits)
+
+    # Integer comparisons below: they run once per node, for fleets of tens of thousands.
+
+    def _provisioning_addresses(self, found: _Found) -> None:
         net = self.doc.networks.provisioning
         low, high = int(net.cidr.network_address), int(net.cidr.broadcast_address)
         gateway = int(net.gateway)
         pool = net.dhcp_range
         pool_low, pool_high = (int(pool.start), int(pool.end)) if pool else (1, 0)
         pool_text = f"{pool.start}-{pool.end}" if pool else ""
-        bmc_net = self.doc.networks.bmc
-        bmc_low, bmc_high = (
-            (int(bmc_net.cidr.network_address), int(bmc_net.cidr.broadcast_address))
-            if bmc_net is not None
-            else (0, 0)
-        )
-        found: dict[tuple[PathKey, str, str], list[tuple[Node, str]]] = defaultdict(list)
         for node in self.nodes:
             ip = int(node.ip)
             reason = None
@@ -207,12 +225,28 @@ class Checker:
                 reason = f"inside the DHCP dynamic range {pool_text}"
             if reason is not None:
                 found[(node.origin.path, "ip", reason)].append((node, str(node.ip)))
-            bmc_ip = ipv4_int(node.bmc.host)
-            if bmc_net is not None and bmc_ip is not None and not bmc_low <= bmc_ip <= bmc_high:
-                reason = f"outside the BMC network {bmc_net.cidr}"
+
+    def _bmc_addresses(self, found: _Found) -> None:
+        """BMC addresses (not host names) inside the BMC network, and none of its network,
+        broadcast or gateway address."""
+        net = self.doc.networks.bmc
+        if net is None:
+            return
+        low, high = int(net.cidr.network_address), int(net.cidr.broadcast_address)
+        taken: dict[int, str] = {}
+        if net.cidr.prefixlen < 31:
+            taken[low] = f"the network address of the BMC network {net.cidr}"
+            taken[high] = f"the broadcast address of the BMC network {net.cidr}"
+        if net.gateway is not None:
+            taken.setdefault(int(net.gateway), "the BMC network's gateway address")
+        outside = f"outside the BMC network {net.cidr}"
+        for node in self.nodes:
+            ip = ipv4_int(node.bmc.host)
+            if ip is None:
+                continue
+            reason = outside if not low <= ip <= high else taken.get(ip)
+            if reason is not None:
                 found[(node.origin.path, "bmc", reason)].append((node, node.bmc.host))
-        for (_, attribute, problem), hits in found.items():
-            self._address_problem(attribute, problem, hits)
 
     def _address_problem(self, attribute: str, reason: str, hits: list[tuple[Node, str]]) -> None:
         """One problem per written place: a range whose addresses all miss the network
@@ -271,6 +305,8 @@ class Checker:
         names = {node.name: node for node in self.nodes}
         for name, faults in self.doc.lab.faults.items():
             node = names.get(name)
+            if node is None and self.gaps.nodes:
+                continue  # it may be one of the nodes that failed validation
             if node is None:
                 self.at(
                     ("lab", "faults", name), f"unknown node {name!r}{did_you_mean(name, names)}"

@@ -14,6 +14,7 @@ from provisioner.errors import Location, Problem
 from provisioner.spec.fleet import Node, Origin
 from provisioner.spec.manifest import ManifestFile, ManifestRow, read_manifest
 from provisioner.spec.models import FleetDocument, NodeRange, Rack
+from provisioner.spec.partial import NO_GAPS, Gaps
 from provisioner.spec.source import PathKey, SourceMap, display_name, format_path
 from provisioner.spec.types import (
     BmcEndpoint,
@@ -27,10 +28,13 @@ from provisioner.spec.types import (
 
 
 class Expander:
-    def __init__(self, document: FleetDocument, source: SourceMap, base_dir: Path) -> None:
+    def __init__(
+        self, document: FleetDocument, source: SourceMap, base_dir: Path, gaps: Gaps = NO_GAPS
+    ) -> None:
         self.document = document
         self.source = source
         self.base_dir = base_dir
+        self.gaps = gaps  # what of the document failed validation (its racks' positions)
         self.problems: list[Problem] = []
         self._manifests: dict[
             tuple[Path, tuple[tuple[str, str], ...], tuple[str, ...]], ManifestFile | None
@@ -41,8 +45,10 @@ class Expander:
 
     def expand(self) -> list[Node]:
         nodes: list[Node] = []
-        for r, rack in enumerate(self.document.racks):
-            for n, spec in enumerate(rack.nodes):
+        racks = self.document.racks
+        for r, rack in zip(self.gaps.indices(("racks",), len(racks)), racks, strict=True):
+            listed = self.gaps.indices(("racks", r, "nodes"), len(rack.nodes))
+            for n, spec in zip(listed, rack.nodes, strict=True):
                 nodes.append(
                     Node(
                         name=spec.name,
@@ -58,7 +64,8 @@ class Expander:
                         origin=Origin(("racks", r, "nodes", n)),
                     )
                 )
-            for g, node_range in enumerate(rack.ranges):
+            ranged = self.gaps.indices(("racks", r, "ranges"), len(rack.ranges))
+            for g, node_range in zip(ranged, rack.ranges, strict=True):
                 nodes.extend(self._range(rack, node_range, ("racks", r, "ranges", g)))
         return nodes
 

@@ -1,8 +1,10 @@
 """Load a fleet spec: YAML with positions -> typed document -> expanded nodes -> checks.
 
-Every problem is reported at once as ``file:line: field.path: message``. pydantic's own error
-locations are mapped back onto the written document: union branch names and validator tags are
-dropped, "Value error, " prefixes removed, unknown keys get a "did you mean".
+Every problem is reported at once as ``file:line: field.path: message``; when fields fail, the
+checks across the document still run on the parts that are valid (see ``partial``). pydantic's
+own error locations are mapped back onto the written document: union branch names and
+validator tags are dropped, "Value error, " prefixes removed, unknown keys get a "did you
+mean".
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from provisioner.spec.checks import Checker, did_you_mean
 from provisioner.spec.expand import Expander
 from provisioner.spec.fleet import Fleet
 from provisioner.spec.models import FleetDocument
+from provisioner.spec.partial import NO_GAPS, valid_parts
 from provisioner.spec.source import PathKey, SourceMap, format_path, load_yaml_file
 
 _PREFIXES = ("Value error, ", "Assertion failed, ")
@@ -49,13 +52,17 @@ def _load(spec_path: Path) -> Fleet:
                 )
             ]
         )
+    invalid: list[Problem] = []
+    gaps = NO_GAPS
     try:
         document = FleetDocument.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(problems_from_validation(exc, data, source)) from None
-    expander = Expander(document, source, spec_path.parent)
+        # Still check across the document, on the parts that are valid on their own.
+        invalid = problems_from_validation(exc, data, source)
+        document, gaps = valid_parts(data)
+    expander = Expander(document, source, spec_path.parent, gaps)
     nodes = expander.expand()
-    problems = expander.problems + Checker(document, source, nodes).run()
+    problems = invalid + expander.problems + Checker(document, source, nodes, gaps).run()
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
     if errors:

@@ -151,7 +151,7 @@ def load_yaml_text(text: str, name: str) -> tuple[Any, SourceMap]:
     try:
         value = builder.build(root, ())
     except RecursionError:
-        raise SpecError([Problem(Location(name), "", "YAML: nested too deeply")]) from None
+        raise SpecError([_alias_too_deep(text, name)]) from None
     if builder.problems:
         raise SpecError(builder.problems)
     return value, source
@@ -177,6 +177,53 @@ def _too_deep(text: str) -> int:
         if len(row) - len(row.lstrip(" -")) > 4 * _MAX_DEPTH:
             return number
     return 0
+
+
+def _alias_too_deep(text: str, name: str) -> Problem:
+    """Why building a document that composed fine went too deep, at the alias to blame: an
+    alias inside the collection it refers to (a value that contains itself), else the alias
+    whose expansion nests deepest (aliases of aliases). Anchors are unique (YAML refuses a
+    duplicate), so an alias names one collection."""
+    frames: list[tuple[str | None, list[int]]] = []  # open collections: anchor, [depth below]
+    depth: dict[str, int] = {}  # anchor -> nesting of its value, aliases expanded
+    deepest: tuple[int, yaml.AliasEvent | None] = (0, None)
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            frames.append((event.anchor, [0]))
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, (below,) = frames.pop()
+            if anchor is not None:
+                depth[anchor] = below + 1
+            if frames:
+                frames[-1][1][0] = max(frames[-1][1][0], below + 1)
+        elif isinstance(event, yaml.AliasEvent):
+            alias = str(event.anchor)
+            if any(anchor == alias for anchor, _ in frames):
+                return Problem(
+                    _event_at(event, name),
+                    "",
+                    f"YAML: alias *{alias} is inside the collection it refers to "
+                    "(a value that contains itself)",
+                )
+            below = depth.get(alias, 0)
+            if frames:
+                frames[-1][1][0] = max(frames[-1][1][0], below)
+            if len(frames) + below > deepest[0]:
+                deepest = (len(frames) + below, event)
+    levels, found = deepest
+    if found is None:
+        return Problem(Location(name), "", "YAML: nested too deeply")
+    return Problem(
+        _event_at(found, name),
+        "",
+        f"YAML: aliases nest too deeply here (*{found.anchor} expands to a value {levels} "
+        "levels deep)",
+    )
+
+
+def _event_at(event: yaml.Event, name: str) -> Location:
+    mark = event.start_mark
+    return Location(name, mark.line + 1, mark.column + 1) if mark is not None else Location(name)
 
 
 class _Builder:

@@ -170,9 +170,17 @@ def test_ksvalidator_rejects_a_broken_kickstart(tmp_path: Path) -> None:
     assert _run(_tool("ksvalidator"), "-v", "RHEL9", str(ks)).returncode != 0
 
 
-def test_autoinstall_has_what_the_ubuntu_installer_needs(tmp_path: Path) -> None:
-    fleet = _render(LAB_SPEC, tmp_path)
-    for node in fleet.nodes:
+@pytest.mark.parametrize(
+    ("spec", "version"), [(LAB_SPEC, "24.04"), (POD_SPEC, "22.04")], ids=["24.04", "22.04"]
+)
+def test_autoinstall_has_what_the_ubuntu_installer_needs(
+    spec: Path, version: str, tmp_path: Path
+) -> None:
+    fleet = _render(spec, tmp_path)
+    nodes = [node for node in fleet.nodes if fleet.image(node).installer == "autoinstall"]
+    assert nodes and {fleet.image(node).version for node in nodes} == {version}
+    keys = list(fleet.document.ssh.authorized_keys)
+    for node in nodes:
         folder = tmp_path / "boot" / "autoinstall" / node.name
         raw = (folder / "user-data").read_text()
         assert raw.startswith("#cloud-config\n")
@@ -184,8 +192,12 @@ def test_autoinstall_has_what_the_ubuntu_installer_needs(tmp_path: Path) -> None
         ethernets = data["network"]["ethernets"]
         assert [e["match"]["macaddress"] for e in ethernets.values()] == [node.mac]
         commands = "\n".join(data["late-commands"])
-        for key in fleet.document.ssh.authorized_keys:
-            assert key in commands
+        if fleet.document.ssh.user == "root":
+            for key in keys:
+                assert key in commands
+        else:
+            (user,) = data["user-data"]["users"]
+            assert user["ssh_authorized_keys"] == keys
         token = callback_token(KEY, node.name)
         assert f"X-Provisioner-Token: {token}" in commands
         assert f"{fleet.document.boot.url}callback/{node.name}" in commands

@@ -1,5 +1,6 @@
 """Secrets never leave memory: no rendered file, no output line holds a BMC password or the
-callback-token key, and the key provisioner makes for itself is readable by its owner only.
+callback-token key, and the key provisioner makes for itself is kept outside the render folder
+(in the site's state folder), readable by its owner only.
 
 Each test sets the variables the spec's references name to fresh random values and then
 searches every byte render wrote (hidden files included) and everything the CLI printed.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.render.writer import site_key
 from provisioner.spec import load_fleet
 from provisioner.spec.types import SecretRef
 from tests.conftest import LAB_SPEC, POD_SPEC, RunCli
@@ -84,10 +86,13 @@ def test_render_writes_and_prints_no_bmc_password(
 def test_referenced_callback_key_is_written_nowhere(
     run_cli: RunCli,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     bmc_password: str,
     callback_key_value: str,
     example: Path,
 ) -> None:
+    state = tmp_path / "state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))  # run_cli passes os.environ on
     spec = _keyed_copy(example, tmp_path / "spec")
     env = {
         _env_name(load_fleet(spec).document.bmc.password): bmc_password,
@@ -100,6 +105,7 @@ def test_referenced_callback_key_is_written_nowhere(
     assert _holding(out, bmc_password) == []
     assert callback_key_value not in result.stdout + result.stderr
     assert not (out / ".callback-key").exists(), "the spec names the key: none is made"
+    assert not (state / "provisioner").exists(), "the spec names the key: none is made"
     # The tokens derived from the key are there (the installer needs them).
     assert _holding(out, "X-Provisioner-Token"), "no callback token was rendered"
 
@@ -133,21 +139,64 @@ def test_unset_callback_key_variable_is_named_and_nothing_is_written(
     assert not out.exists()
 
 
-def test_lab_callback_key_file_is_private_and_never_copied(run_cli: RunCli, tmp_path: Path) -> None:
+def _state_key(state: Path, site: str = "lab") -> Path:
+    """Where render keeps the key it makes: the site's state folder, under XDG_STATE_HOME."""
+    return state / "provisioner" / site / "callback-key"
+
+
+def test_made_callback_key_is_private_kept_outside_the_render_folder_and_reused(
+    run_cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))  # run_cli passes os.environ on
     out = tmp_path / "out"
     result = run_cli("render", LAB_SPEC, "--out", out)
     assert result.returncode == 0, result.stderr
-    key_file = out / ".callback-key"
+    key_file = _state_key(state)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     key = key_file.read_text(encoding="ascii").strip()
     assert len(key) >= 32
-    assert _holding(out, key) == [".callback-key"]
+    # A render folder is committed (GitOps): no file in it may hold the key.
+    assert _holding(out, key) == []
     assert key not in result.stdout + result.stderr
-    # A second render keeps the key (tokens stay valid) and its mode.
-    again = run_cli("render", LAB_SPEC, "--out", out)
-    assert again.returncode == 0, again.stderr
-    assert key_file.read_text(encoding="ascii").strip() == key
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert _holding(out, "X-Provisioner-Token"), "no callback token was rendered"
+    # A second render, into another folder too, keeps the key (tokens stay valid).
+    for folder in (out, tmp_path / "elsewhere"):
+        again = run_cli("render", LAB_SPEC, "--out", folder)
+        assert again.returncode == 0, again.stderr
+        assert key_file.read_text(encoding="ascii").strip() == key
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert _holding(folder, key) == []
+    assert sorted(path.name for path in key_file.parent.iterdir()) == ["callback-key"]
+
+
+def test_key_an_older_render_left_in_its_folder_is_moved_out_and_kept(
+    run_cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    out = tmp_path / "out"
+    assert run_cli("render", LAB_SPEC, "--out", out).returncode == 0
+    old = out / ".callback-key"
+    _state_key(state).rename(old)  # where renders before kept it
+    key = old.read_text(encoding="ascii").strip()
+    # A boot server started before the next render still checks tokens with that key.
+    assert site_key(load_fleet(LAB_SPEC), out, create=False) == key.encode()
+    result = run_cli("render", LAB_SPEC, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert not old.exists()
+    assert _state_key(state).read_text(encoding="ascii").strip() == key
+    assert stat.S_IMODE(_state_key(state).stat().st_mode) == 0o600
+    assert _holding(out, key) == []
+    # A second old folder of the site, with a key of its own: the site's key wins, and no
+    # key stays in the folder.
+    other = tmp_path / "other"
+    assert run_cli("render", LAB_SPEC, "--out", other).returncode == 0
+    (other / ".callback-key").write_text("f" * 64 + "\n", encoding="ascii")
+    assert run_cli("render", LAB_SPEC, "--out", other).returncode == 0
+    assert not (other / ".callback-key").exists()
+    assert _state_key(state).read_text(encoding="ascii").strip() == key
+    assert _holding(other, "f" * 64) == []
 
 
 def test_literal_secrets_in_a_spec_are_refused_without_being_printed(

@@ -259,6 +259,17 @@ def test_billion_laughs_is_refused(spec_file: Path) -> None:
         load_fleet(spec_file)
 
 
+def test_aliases_nesting_too_deep_are_reported_at_the_deepest_alias(spec_file: Path) -> None:
+    lines = ["version: 1", "x0: &x0 [a]"]
+    lines += [f"x{i}: &x{i} [*x{i - 1}]" for i in range(1, 800)]
+    spec_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    outcome = _check_outcome(spec_file)
+    assert isinstance(outcome, SpecError)
+    (problem,) = outcome.problems
+    assert problem.location.line == 801
+    assert "aliases nest too deeply" in problem.message and "*x798" in problem.message
+
+
 # --------------------------------------------------------------------------- (b) mutations
 
 
