@@ -157,6 +157,8 @@ class BmcClient(PowerInterface, BootInterface, InventoryInterface):
         self.username = username
         self._password = password
         self.timeout = timeout
+        # Called before every command sent to the BMC: the fan-out paces each BMC with it.
+        self.before_command: Callable[[], None] = _nothing
 
     def validate(self) -> None:
         """Offline checks only: credentials present, endpoint usable by this client."""
@@ -189,6 +191,10 @@ class CommandClient(BmcClient):
     ) -> None:
         target = "network" if device is BootDevice.NETWORK else "hd"
         self._call(lambda c: c.set_bootdev(target, persist=persistent, uefiboot=uefi))
+
+
+def _nothing() -> None:
+    return None
 
 
 def text_or_none(value: object) -> str | None:

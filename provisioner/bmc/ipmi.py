@@ -165,6 +165,7 @@ class IpmiClient(CommandClient):
         return self._command
 
     def _call(self, action: Callable[[Any], T]) -> T:
+        self.before_command()
         session = self._session()
         try:
             result = action(session)

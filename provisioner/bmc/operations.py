@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from provisioner.bmc.base import BmcClient, BootDevice, PowerAction, PowerState
-from provisioner.bmc.fanout import Target
+from provisioner.bmc.fanout import NOT_SENT, RETRYABLE, Step, Target
 from provisioner.spec.fleet import Fleet, Node
 
 
@@ -35,8 +35,13 @@ def power_status(client: BmcClient, target: Target) -> str:
     return str(client.get_power_state())
 
 
-def power(action: PowerAction, wait: float | None = None) -> Callable[[BmcClient, Target], str]:
-    """Change power; with ``wait`` (seconds), return only once the final state is reached."""
+def power(action: PowerAction, wait: float | None = None) -> Step[str]:
+    """Change power; with ``wait`` (seconds), the result comes once the final state is
+    reached, polled with the BMC free between polls (several systems behind one Redfish
+    service wait side by side). The wait is time of its own beyond the per-command timeout,
+    and one that ends in vain is not retried: the BMC accepted the change. A cycle, a reset
+    or a soft-off is retried only when the BMC could not be reached at all: sent twice, a
+    cycle would boot the node twice (and use up a one-time network boot on the first)."""
     final = {
         PowerAction.ON: PowerState.ON,
         PowerAction.OFF: PowerState.OFF,
@@ -47,12 +52,19 @@ def power(action: PowerAction, wait: float | None = None) -> Callable[[BmcClient
 
     def run(client: BmcClient, target: Target) -> str:
         client.set_power(action)
-        if wait:
-            client.wait_for_power(final, wait)
-            return str(final)
         return f"{action} requested"
 
-    return run
+    def reached(client: BmcClient, target: Target) -> str | None:
+        return str(final) if client.get_power_state() is final else None
+
+    once = action in (PowerAction.CYCLE, PowerAction.RESET, PowerAction.SOFT_OFF)
+    return Step(
+        run,
+        retry_on=NOT_SENT if once else RETRYABLE,
+        until=reached if wait else None,
+        until_timeout=wait or 0.0,
+        until_what=f"power did not reach {final}",
+    )
 
 
 def boot(device: BootDevice, persistent: bool = False) -> Callable[[BmcClient, Target], str]:

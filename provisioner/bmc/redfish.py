@@ -24,7 +24,6 @@ from provisioner.bmc.base import (
     PowerState,
     SelEntry,
     SensorReading,
-    health_of,
     severity,
     text_or_none,
 )
@@ -41,6 +40,9 @@ _POWER = {
 
 
 def classify(error: BaseException, connected: bool) -> BmcError:
+    """Sort a pyghmi/HTTPS failure into a BmcError reason. pyghmi keeps no HTTP status in
+    what it raises (the Redfish message, or the URL and the body), so words decide: a bare
+    "401" or "404" would match a URL or UUID in the message (``/Systems/gpu-r2-401``)."""
     if isinstance(error, BmcError):
         return error
     if isinstance(error, socket.gaierror):
@@ -51,15 +53,19 @@ def classify(error: BaseException, connected: bool) -> BmcError:
         return BmcError("unreachable", f"TLS: {error.reason or error}")
     if isinstance(error, OSError):
         return BmcError("unreachable", error.strerror or str(error))
+    if isinstance(error, pyghmi_errors.UnrecognizedCertificate):  # the pin did not match
+        return BmcError(
+            "unreachable", "TLS: the BMC's certificate is not the one verified before the login"
+        )
     if isinstance(error, pyghmi_errors.UnsupportedFunctionality):
         return BmcError("unsupported", str(error) or "not supported by this BMC")
     text = str(error)
     lowered = text.lower()
-    if any(word in lowered for word in ("401", "unauthorized", "authentication", "access denied")):
+    if any(word in lowered for word in ("unauthorized", "authentication", "access denied")):
         return BmcError("auth", "the BMC refused the user name or password (HTTP 401)")
     if "redfish not ready" in lowered:
         return BmcError("unreachable", "no Redfish service answered")
-    if "404" in lowered or "not found" in lowered or "notsupported" in lowered.replace(" ", ""):
+    if "not found" in lowered or "notsupported" in lowered.replace(" ", ""):
         return BmcError("unsupported", text)
     return BmcError("bmc-error", text or type(error).__name__)
 
@@ -130,6 +136,7 @@ class RedfishClient(CommandClient):
         return self._command
 
     def _call(self, action: Callable[[Any], T]) -> T:
+        self.before_command()
         session = self._session()
         try:
             return action(session)
@@ -169,9 +176,25 @@ class RedfishClient(CommandClient):
             serial=text_or_none(info.get("SerialNumber")),
             product=text_or_none(info.get("Model")),
             manufacturer=text_or_none(info.get("Manufacturer")),
+            board_serial=self._board_serial(info),
             part_number=text_or_none(info.get("PartNumber") or info.get("SKU")),
             uuid=text_or_none(info.get("UUID")),
         )
+
+    def _board_serial(self, system: dict[str, Any]) -> str | None:
+        """A Redfish System has no board FRU: the board's serial is that of the Chassis the
+        System links to (the first, as pyghmi's own inventory takes it), when it has one."""
+        links = system.get("Links", {}).get("Chassis") or [{}]
+        url = links[0].get("@odata.id") if isinstance(links[0], dict) else None
+        if not url:
+            return None
+        try:
+            chassis = self._call(lambda c: c._do_web_request(url))
+        except BmcError as exc:
+            if exc.reason == "unsupported":  # the link leads nowhere: no board serial known
+                return None
+            raise
+        return text_or_none(chassis.get("SerialNumber"))
 
     def get_sel(self) -> list[SelEntry]:
         return self._events(clear=False)
@@ -180,6 +203,11 @@ class RedfishClient(CommandClient):
         return self._events(clear=True)
 
     def _events(self, clear: bool) -> list[SelEntry]:
+        # pyghmi reads the manager's LogServices and, without them, quietly returns nothing:
+        # an empty log, "cleared", from a BMC that has no log at all.
+        manager = self._call(lambda c: c._do_web_request(c._bmcurl) if c._bmcurl else {})
+        if not manager.get("LogServices"):
+            raise BmcError("unsupported", "no event log: the BMC's manager has no LogServices")
         events = self._call(lambda c: list(c.get_event_log(clear=clear)))
         return [
             SelEntry(
@@ -187,7 +215,7 @@ class RedfishClient(CommandClient):
                 timestamp=text_or_none(event.get("timestamp")),
                 component=str(event.get("component") or ""),
                 event=str(event.get("event") or event.get("message") or ""),
-                severity=health_of(str(event.get("severity", ""))),
+                severity=severity(event.get("severity")),  # pyghmi's health codes
             )
             for number, event in enumerate(events)
         ]

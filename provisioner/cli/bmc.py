@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -84,12 +85,19 @@ class Selection:
         timeout: float | None,
         concurrency: int | None,
     ) -> None:
+        # Options that do not go together are usage errors (exit 2, as typer's own are).
         if bmc:
             if spec is not None:
-                fail("give a spec or --bmc, not both")
+                raise click.UsageError("give a spec or --bmc, not both")
+            if rack or nodes:  # they would select nothing here
+                raise typer.BadParameter(
+                    "selects nodes of a fleet spec; with --bmc the BMCs given are the "
+                    "targets: leave it out, or give a spec instead of --bmc",
+                    param_hint="--rack" if rack else "--nodes",
+                )
             self.targets, self.policy = _ad_hoc(bmc, user, password_env, insecure)
         elif spec is None:
-            fail("give a fleet spec, or --bmc URL --user NAME --password-env VAR")
+            raise click.UsageError("give a fleet spec, or --bmc URL --user NAME --password-env VAR")
         else:
             fleet = load(spec)
             chosen = fleet.select(rack, nodes)
@@ -107,7 +115,7 @@ def _ad_hoc(
     urls: list[str], user: str | None, password_env: str | None, insecure: bool
 ) -> tuple[list[Target], Policy]:
     if not user or not password_env:
-        fail("--bmc needs --user NAME and --password-env VAR")
+        raise click.UsageError("--bmc needs --user NAME and --password-env VAR")
     password = os.environ.get(password_env)
     if password is None:
         fail(f"environment variable {password_env} is not set")
@@ -224,7 +232,8 @@ def power(
     ] = None,
     output: OutputOpt = Output.text,
 ) -> None:
-    """Read or change power. `on` is staggered per rack (bmc.power_on_stagger)."""
+    """Read or change power. `on` and `cycle` are staggered per rack (bmc.power_on_stagger);
+    `cycle`, `reset` and `soft-off` are retried only when the BMC could not be reached."""
     selection = Selection(
         spec, rack, nodes, bmc, user, password_env, insecure, timeout, concurrency
     )

@@ -37,7 +37,6 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from provisioner.bmc import operations as ops
 from provisioner.bmc.base import BootDevice, PowerAction, PowerState
-from provisioner.bmc.fanout import FanOut, Policy, Target
+from provisioner.bmc.fanout import FanOut, Policy, Stagger, Target
 from provisioner.boot.events import EventLog
 from provisioner.burnin.document import BurninDocumentError, Level, load_document
 from provisioner.burnin.results import agent_path, collect, judge_all, reasons_from
@@ -427,30 +426,6 @@ class BringUp:
 
 
 # ---------------------------------------------------------------------------- pacing
-
-
-class Stagger:
-    """Power-on pacing per rack (inrush current): no more than ``count`` power-ons of one
-    rack in any ``interval`` seconds. A sliding window, so that nodes that reach power-on
-    late (a slow BMC, a retry) wait only as long as the window needs, and a burst of them
-    after a quiet spell is still paced."""
-
-    def __init__(self, count: int, interval: float) -> None:
-        self.count = max(1, count)
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._racks: dict[str, deque[float]] = {}
-
-    def wait(self, rack: str) -> None:
-        """Block until this rack may power one more node on, and count it."""
-        with self._lock:  # slots are handed out in order; each sleeps outside the lock
-            times = self._racks.setdefault(rack, deque(maxlen=self.count))
-            now = time.monotonic()
-            slot = now if len(times) < self.count else max(now, times[0] + self.interval)
-            times.append(slot)
-        delay = slot - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
 
 
 class Batcher(Generic[R]):

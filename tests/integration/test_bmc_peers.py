@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from provisioner.bmc import ipmi, redfish
+from provisioner.bmc import operations as ops
 from provisioner.bmc.base import BootDevice, PowerAction, PowerState
-from provisioner.bmc.fanout import FanOut, Policy, Target
+from provisioner.bmc.fanout import FanOut, Policy, Result, Target
 from provisioner.bmc.redfish import RedfishClient
 from provisioner.errors import BmcError
+from provisioner.spec import load_fleet
 from provisioner.spec.types import parse_bmc_url
-from tests.conftest import RunCli
+from tests.conftest import DATA, RunCli
+from tests.peers import bmc_errors, wait_until
 from tests.peers.ipmi_sim import IpmiSim, IpmiSimFactory, ipmitool
-from tests.peers.sushy import SushyEmulator
+from tests.peers.sushy import SushyEmulator, SushyFactory
 from tests.peers.udp_proxy import ProxyFactory
 
 pytestmark = pytest.mark.integration
@@ -43,16 +48,26 @@ def write_spec(
     retries: int = 2,
     verify_tls: bool = False,
     ca_bundle: str | None = None,
+    racks: list[str] | None = None,
+    boot_mode: str | None = None,
 ) -> Path:
-    """A one-rack fleet spec whose node i has BMC ``bmcs[i]`` (password env:TEST_BMC_PW)."""
-    lines = []
+    """A fleet spec whose node i has BMC ``bmcs[i]`` (password env:TEST_BMC_PW), in rack
+    ``racks[i]`` (default: all in r1); ``boot_mode`` goes into the profile."""
+    nodes: dict[str, list[str]] = {}
     for i, url in enumerate(bmcs):
         serial = serials[i] if serials else None
-        lines.append(
+        nodes.setdefault(racks[i] if racks else "r1", []).append(
             f"      - {{name: n{i + 1:02d}, ip: 10.9.0.{i + 11}, "
             f'mac: "02:00:00:00:01:{i + 11:02x}", '
             f'bmc: "{url}"' + (f", serial: {serial}" if serial else "") + "}"
         )
+    rack_text = "".join(
+        f"  - name: {rack}\n    profile: p\n    stack: s\n    image: u\n    nodes:\n"
+        + "\n".join(lines)
+        + "\n"
+        for rack, lines in nodes.items()
+    )
+    profile = "{gpu: H100-SXM5-80GB, gpus: 8" + (f", boot_mode: {boot_mode}" if boot_mode else "")
     tls = f"  verify_tls: {str(verify_tls).lower()}\n"
     if ca_bundle:
         tls += f"  ca_bundle: {ca_bundle}\n"
@@ -76,16 +91,9 @@ bmc:
 stacks:
   s: {{driver: {{version: 570.133.20}}, fabric_manager: true}}
 profiles:
-  p: {{gpu: H100-SXM5-80GB, gpus: 8}}
+  p: {profile}}}
 racks:
-  - name: r1
-    profile: p
-    stack: s
-    image: u
-    nodes:
-"""
-        + "\n".join(lines)
-        + "\n"
+{rack_text}"""
     )
     return spec
 
@@ -217,6 +225,86 @@ def test_ad_hoc_bmc_without_a_spec(sims: list[IpmiSim], run_cli: RunCli) -> None
     assert missing.returncode == 1 and "PW is not set" in missing.stderr
 
 
+def _since(sim: IpmiSim, mark: int) -> list[str]:
+    """The chassis_control calls ipmi_sim made after the first ``mark``."""
+    return sim.calls()[mark:]
+
+
+def test_power_cycle_reset_and_soft_off_reach_the_chassis(
+    ipmi_sims: IpmiSimFactory, run_cli: RunCli, tmp_path: Path
+) -> None:
+    """What ipmi_sim's chassis_control script is asked, and what ipmitool reads back after:
+    a cycle of a running node is off then on (ipmi_sim powers on again ~1 s later), of an
+    off node just on; a reset is a reset pulse with power kept; a soft-off is ACPI
+    ``shutdown``."""
+    running, stopped = ipmi_sims.start(2)
+    running.set_power(True)
+    spec = write_spec(tmp_path, [f"ipmi://127.0.0.1:{s.port}" for s in (running, stopped)])
+    env = _env(running)
+    marks = [len(s.calls()) for s in (running, stopped)]
+    cycle = run_cli("bmc", "power", "cycle", spec, "--wait", "15", "-o", "json", env=env)
+    assert cycle.returncode == 0, cycle.stdout + cycle.stderr
+    assert {n: r["value"] for n, r in _by_node(cycle.stdout).items()} == {"n01": "on", "n02": "on"}
+    sets = [call for call in _since(running, marks[0]) if call.startswith("set power")]
+    assert sets == ["set power 0", "set power 1"], running.calls()
+    assert [c for c in _since(stopped, marks[1]) if c.startswith("set ")] == ["set power 1"]
+    for sim in (running, stopped):
+        assert "Chassis Power is on" in ipmitool(sim, "chassis", "power", "status").stdout
+    assert (running.resets(), stopped.resets()) == (0, 0)
+
+    marks = [len(s.calls()) for s in (running, stopped)]
+    reset = run_cli("bmc", "power", "reset", spec, "--nodes", "n01", env=env)
+    assert reset.returncode == 0, reset.stdout + reset.stderr
+    assert (running.resets(), stopped.resets()) == (1, 0)
+    assert [c for c in _since(running, marks[0]) if c.startswith("set ")] == ["set reset 1"]
+    assert "Chassis Power is on" in ipmitool(running, "chassis", "power", "status").stdout
+
+    soft = run_cli("bmc", "power", "soft-off", spec, "--nodes", "n02", "--wait", "15", env=env)
+    assert soft.returncode == 0, soft.stdout + soft.stderr
+    assert [c for c in _since(stopped, marks[1]) if c.startswith("set ")] == ["set shutdown 1"]
+    assert "Chassis Power is off" in ipmitool(stopped, "chassis", "power", "status").stdout
+    assert (running.power(), stopped.power()) == ("on", "off")
+
+
+def test_rack_selects_the_nodes_of_that_rack(
+    ipmi_sims: IpmiSimFactory, run_cli: RunCli, tmp_path: Path
+) -> None:
+    sims = ipmi_sims.start(3)
+    spec = write_spec(
+        tmp_path, [f"ipmi://127.0.0.1:{s.port}" for s in sims], racks=["r1", "r1", "r2"]
+    )
+    env = _env(sims[0])
+    on = run_cli("bmc", "power", "on", spec, "--rack", "r2", "--wait", "15", env=env)
+    assert on.returncode == 0, on.stdout + on.stderr
+    assert [s.power() for s in sims] == ["off", "off", "on"]
+    status = run_cli("bmc", "power", "status", spec, "--rack", "r1", "-o", "json", env=env)
+    assert {n: r["value"] for n, r in _by_node(status.stdout).items()} == {
+        "n01": "off",
+        "n02": "off",
+    }
+    both = run_cli("bmc", "power", "status", spec, "--rack", "r1", "--nodes", "n02", "-o", "json",
+                   env=env)  # fmt: skip
+    assert list(_by_node(both.stdout)) == ["n02"]
+    none = run_cli("bmc", "power", "on", spec, "--rack", "r9", env=env)
+    assert none.returncode == 1 and "no nodes match --rack/--nodes" in none.stderr
+    assert [s.power() for s in sims] == ["off", "off", "on"]
+
+
+@pytest.mark.parametrize("selection", [("--rack", "r1"), ("--nodes", "n01")])
+def test_ad_hoc_mode_refuses_rack_and_nodes(
+    ipmi_sim: IpmiSim, run_cli: RunCli, selection: tuple[str, str]
+) -> None:
+    """--rack and --nodes select nodes of a spec; with --bmc they used to be ignored, so
+    ``--nodes n01`` powered on every BMC given. Now a usage error, before any BMC is asked."""
+    mark = len(ipmi_sim.calls())
+    args = ["--bmc", f"ipmi://127.0.0.1:{ipmi_sim.port}", "--user", "admin", "--password-env", "PW"]
+    result = run_cli("bmc", "power", "on", *args, *selection, env={"PW": ipmi_sim.password})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"Invalid value for {selection[0]}" in result.stderr
+    assert "selects nodes of a fleet spec" in result.stderr
+    assert ipmi_sim.calls()[mark:] == [] and ipmi_sim.power() == "off"
+
+
 def test_faulty_bmcs_fail_alone_with_the_right_reason(
     ipmi_sims: IpmiSimFactory,
     udp_proxy_factory: ProxyFactory,
@@ -256,6 +344,16 @@ def test_faulty_bmcs_fail_alone_with_the_right_reason(
     # 5 attempts of at most 3 s plus backoff for the slowest node, not minutes.
     assert elapsed < 60
     assert lossy.stats().dropped > 0
+    # And per node, what the policy allows for the attempts it made: each may wait up to one
+    # timeout for its BMC's lock and one for its command, with the capped backoff between
+    # attempts. A node that hung past a deadline shows here.
+    policy = Policy.from_spec(load_fleet(spec).document.bmc)
+    for node, row in rows.items():
+        attempts = row["attempts"]
+        assert 1 <= attempts <= policy.retries + 1, (node, row)
+        pauses = sum(min(policy.backoff_cap, policy.backoff * 2**k) for k in range(attempts - 1))
+        allowed = attempts * 2 * policy.timeout + pauses + 5.0  # 5 s for a loaded machine
+        assert row["seconds"] <= allowed, (node, allowed, row)
 
 
 def test_text_output_lists_the_failed_nodes(
@@ -272,20 +370,57 @@ def test_text_output_lists_the_failed_nodes(
     assert "1 node ok, 1 failed: n02 (unreachable)" in result.stderr
 
 
+@pytest.mark.parametrize("right", [True, False], ids=["right-password", "wrong-password"])
+@pytest.mark.parametrize("mode", ["spec", "ad-hoc"])
 def test_password_never_appears_in_output(
-    ipmi_sims: IpmiSimFactory, run_cli: RunCli, tmp_path: Path
+    mode: str,
+    right: bool,
+    ipmi_sims: IpmiSimFactory,
+    sushy_factory: SushyFactory,
+    dead_udp_port: int,
+    dead_tcp_port: int,
+    run_cli: RunCli,
+    tmp_path: Path,
 ) -> None:
+    """IPMI (ipmi_sim) and Redfish (sushy), each beside a dead BMC of its kind, from a spec
+    or from --bmc flags, with the right password or a wrong one, as text and as JSON: the
+    password is in no output, stdout or stderr, whatever succeeds or fails."""
     password = "pw-" + secrets.token_hex(6)
+    given = password if right else "pw-" + secrets.token_hex(6)
     (sim,) = ipmi_sims.start(1, password=password, fru_layout="compact")
-    spec = write_spec(tmp_path, [f"ipmi://127.0.0.1:{sim.port}"], retries=0)
-    for args in (("power", "status"), ("inventory",), ("sel",)):
+    emulator = sushy_factory(1, password=password)
+    urls = [
+        f"ipmi://127.0.0.1:{sim.port}",
+        _redfish_urls(emulator)[0],
+        f"ipmi://127.0.0.1:{dead_udp_port}",
+        f"redfish+https://127.0.0.1:{dead_tcp_port}",
+    ]
+    if mode == "spec":
+        names = ["n01", "n02", "n03", "n04"]
+        where = [str(write_spec(tmp_path, urls, retries=0, timeout=10))]
+        env = {"TEST_BMC_PW": given}
+        commands = [("power", "status"), ("inventory",), ("sel",)]
+        if not right:
+            commands.remove(("inventory",))  # the same failure table as power status
+    else:
+        names = [url.split("/")[2] for url in urls]
+        where = [arg for url in urls for arg in ("--bmc", url)]
+        where += ["--user", "admin", "--password-env", "BMC_PW", "--insecure", "--timeout", "10"]
+        env = {"BMC_PW": given}
+        commands = [("inventory",)]
+    for command in commands:
         for output in ("text", "json"):
-            ok = run_cli("bmc", *args, spec, "-o", output, env={"TEST_BMC_PW": password})
-            bad = run_cli("bmc", *args, spec, "-o", output, env={"TEST_BMC_PW": password + "x"})
-            assert ok.returncode == 0, ok.stderr
-            assert bad.returncode == 1
-            for run in (ok, bad):
-                assert password not in run.stdout + run.stderr
+            run = run_cli("bmc", *command, *where, "-o", output, env=env)
+            shown = run.stdout + run.stderr
+            assert run.returncode == 1, shown  # the dead BMCs fail
+            assert password not in shown and given not in shown
+            assert "Traceback" not in shown
+            if output == "json":
+                rows = _by_node(run.stdout)
+                reasons = [rows[name]["reason"] for name in names]
+                working = [None, "unsupported" if command == ("sel",) else None]
+                expected = [*working, "unreachable", "unreachable"]
+                assert reasons == (expected if right else ["auth", "auth", *expected[2:]]), shown
 
 
 # ---------------------------------------------------------------------------- Redfish
@@ -367,6 +502,151 @@ def test_one_fan_out_drives_ipmi_and_redfish_together(
     assert [r.ok for r in results] == [True, True], [r.as_dict() for r in results]
     assert ipmi_sim.power() == "on" and ipmi_sim.boot() == "pxe"
     assert sushy.power_state(0) == "On" and sushy.boot_target(0) == "Pxe"
+
+
+def _redfish_targets(emulator: SushyEmulator) -> list[Target]:
+    return [
+        Target(f"n{i + 1:02d}", "r1", parse_bmc_url(url), emulator.username, emulator.password)
+        for i, url in enumerate(_redfish_urls(emulator))
+    ]
+
+
+def _in_process(targets: list[Target], operation: Any) -> dict[str, Result[Any]]:
+    """One fan-out as the CLI runs it, in this process (no interpreter start per command)."""
+    with FanOut(Policy(timeout=20, retries=0, verify_tls=False)) as fan:
+        return {r.node: r for r in fan.run(targets, operation)}
+
+
+def test_redfish_cycle_reset_and_soft_off(sushy_factory: SushyFactory, run_cli: RunCli,
+                                          tmp_path: Path) -> None:  # fmt: skip
+    """On sushy (power changes applied 3-4 s after the request here): a cycle or a reset of
+    a running system is a ForceRestart (the emulator offers no PowerCycle), off at once and
+    on again; a cycle of a system that is off powers it on; a soft-off is GracefulShutdown."""
+    emulator = sushy_factory(4, power_delay=(4, 4))
+    targets = _redfish_targets(emulator)
+
+    def states() -> list[str]:
+        return [emulator.power_state(i) for i in range(4)]
+
+    # No --wait here: the fan-out keeps one command in flight per BMC (host:port), so waits
+    # on systems of one Redfish service would run one after another.
+    started = _in_process(targets[:3], ops.power(PowerAction.ON))
+    assert all(r.ok for r in started.values()), [r.as_dict() for r in started.values()]
+    wait_until(lambda: states() == ["On", "On", "On", "Off"], timeout=20, what="n01-n03 on")
+
+    spec = write_spec(tmp_path, _redfish_urls(emulator), timeout=20)
+    env = {"TEST_BMC_PW": emulator.password}
+    cycle = run_cli("bmc", "power", "cycle", spec, "--nodes", "n01", "--nodes", "n04", env=env)
+    assert cycle.returncode == 0, cycle.stdout + cycle.stderr
+    assert states()[0] == "Off"  # the restart's off half; on again 3-4 s after the request
+    reset = _in_process(targets[1:2], ops.power(PowerAction.RESET))
+    assert reset["n02"].value == "reset requested", reset["n02"].as_dict()
+    assert states()[1] == "Off"
+    soft = _in_process(targets[2:3], ops.power(PowerAction.SOFT_OFF))
+    assert soft["n03"].value == "soft-off requested", soft["n03"].as_dict()
+    wait_until(
+        lambda: states() == ["On", "On", "Off", "On"],
+        timeout=20,
+        what="n01 and n02 on again, n03 off, n04 on",
+    )
+
+
+def test_redfish_inventory_event_log_sensors_and_boot_disk(
+    sushy: SushyEmulator, run_cli: RunCli, tmp_path: Path
+) -> None:
+    """sushy's systems have no SerialNumber, and its one chassis (linked from every system)
+    has: that is the board serial. sushy has no LogServices at all: the event log is
+    ``unsupported`` (pyghmi alone would answer an empty log, and --clear "cleared" nothing).
+    Its Thermal resource gives the sensors; pyghmi reports no health for them."""
+    targets = _redfish_targets(sushy)[:1]
+    chassis_path = sushy.system_json(0)["Links"]["Chassis"][0]["@odata.id"]
+    chassis = sushy.get_json(chassis_path)
+    fru = _in_process(targets, ops.inventory)["n01"]
+    assert fru.ok, fru.as_dict()
+    assert fru.value is not None and fru.value["serial"] is None
+    assert fru.value["board_serial"] == chassis["SerialNumber"] and chassis["SerialNumber"]
+
+    spec = write_spec(tmp_path, _redfish_urls(sushy)[:1], timeout=20)
+    listed = run_cli("bmc", "sel", spec, "-o", "json", env={"TEST_BMC_PW": sushy.password})
+    assert listed.returncode == 1, listed.stdout + listed.stderr
+    row = _by_node(listed.stdout)["n01"]
+    assert (row["reason"], row["attempts"]) == ("unsupported", 1), row
+    assert "LogServices" in row["message"]
+    cleared = _in_process(targets, ops.event_log(clear=True))["n01"]
+    assert (cleared.reason, cleared.value) == ("unsupported", None)
+
+    sensors = _in_process(targets, ops.sensors)["n01"]
+    assert sensors.ok and sensors.value is not None, sensors.as_dict()
+    got = {r["name"]: (r["kind"], r["value"], r["units"]) for r in sensors.value}
+    thermal = sushy.get_json(chassis["Thermal"]["@odata.id"])
+    for temperature in thermal["Temperatures"]:
+        expected = ("temperature", float(temperature["ReadingCelsius"]), "°C")
+        assert got[temperature["Name"]] == expected
+    for fan in thermal["Fans"]:
+        assert got[fan["Name"]] == ("fan", float(fan["Reading"]), fan["ReadingUnits"])
+
+    assert _in_process(targets, ops.boot(BootDevice.NETWORK))["n01"].ok
+    assert sushy.boot_target(0) == "Pxe"
+    disk = _in_process(targets, ops.boot(BootDevice.DISK))["n01"]
+    assert disk.value == "disk next boot (UEFI)", disk.as_dict()
+    assert sushy.boot_target(0) == "Hdd"
+
+
+def test_legacy_boot_mode_of_the_profile_reaches_the_bmcs(
+    sushy_factory: SushyFactory, run_cli: RunCli, tmp_path: Path
+) -> None:
+    """``boot_mode: legacy`` in the profile: Redfish BootSourceOverrideMode ``Legacy`` on
+    sushy, and the IPMI boot flags without the EFI bit, read back with ipmitool. ipmi_sim
+    cannot show it (it drops the EFI bit: a raw Set System Boot Options E0h 04h reads back
+    00h 04h), so the IPMI side is the lab's pyghmi BMC, which keeps the flags."""
+    from provisioner.lab.bmc_state import MachineState
+    from provisioner.lab.ipmi_bmc import BmcFarm
+
+    emulator = sushy_factory(1, password="boot-pw")
+    state = MachineState()
+    with BmcFarm(password="boot-pw") as farm:
+        bmc = farm.add(0, state)
+        bmcs = [*_redfish_urls(emulator), f"ipmi://127.0.0.1:{bmc.port}"]
+        flags = [
+            "ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(bmc.port),
+            "-U", "admin", "-P", "boot-pw", "chassis", "bootparam", "get", "5",
+        ]  # fmt: skip
+        for mode, redfish_mode, ipmi_mode in (
+            ("legacy", "Legacy", "BIOS PC Compatible (legacy) boot"),
+            ("uefi", "UEFI", "BIOS EFI boot"),
+        ):
+            folder = tmp_path / mode
+            folder.mkdir()
+            spec = write_spec(folder, bmcs, timeout=20, boot_mode=mode)
+            pxe = run_cli("bmc", "pxe", spec, "-o", "json", env={"TEST_BMC_PW": "boot-pw"})
+            assert pxe.returncode == 0, pxe.stdout + pxe.stderr
+            label = "legacy" if mode == "legacy" else "UEFI"
+            assert {r["value"] for r in _by_node(pxe.stdout).values()} == {
+                f"network next boot ({label})"
+            }
+            boot = emulator.system_json(0)["Boot"]
+            assert (boot["BootSourceOverrideTarget"], boot["BootSourceOverrideMode"]) == (
+                "Pxe",
+                redfish_mode,
+            )
+            assert (state.boot_device, state.boot_uefi) == ("network", mode == "uefi")
+            shown = subprocess.run(flags, capture_output=True, text=True, timeout=60, check=False)
+            assert shown.returncode == 0, shown.stderr
+            assert ipmi_mode in shown.stdout and "Force PXE" in shown.stdout, shown.stdout
+
+
+def test_the_recorded_bmc_errors_are_still_what_the_peers_raise() -> None:
+    """tests/data/bmc/errors.json, which tests/unit/test_bmc_classify.py replays, provoked
+    again on the peers (the quick cases): the same exception types, sorted the same way."""
+    recorded = {r["case"]: r for r in json.loads((DATA / "bmc" / "errors.json").read_text())}
+    fresh = bmc_errors.record(fast=True)
+    assert len(fresh) >= 15
+    for record in fresh:
+        expected = recorded[record["case"]]
+        assert (record["type"], record["connected"]) == (expected["type"], expected["connected"])
+        classify = ipmi.classify if record["client"] == "ipmi" else redfish.classify
+        reason = classify(bmc_errors.rebuild(record), record["connected"]).reason
+        assert reason == expected["reason"], record
 
 
 # ---------------------------------------------------------------------------- the lab BMC

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.bmc.fanout import Stagger
 from provisioner.burnin.floors import expectation_for
 from provisioner.burnin.judge import judge
 from provisioner.spec import Fleet, load_fleet
@@ -40,7 +41,6 @@ from provisioner.workflows.bring_up import (
     Caps,
     Move,
     Outcome,
-    Stagger,
     StepFailed,
     Timeouts,
     kill_point,

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from provisioner.bmc import operations as ops
 from provisioner.bmc.base import (
     BmcClient,
     BootDevice,
@@ -46,6 +47,8 @@ class Ledger:
     failures: dict[str, list[BmcError]] = field(default_factory=dict)  # node -> errors to raise
     duration: float = 0.0
     hang: set[str] = field(default_factory=set)
+    power_on_after: float | None = None  # seconds after a power change until the state is on
+    power_changes: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
 class RecordingClient(BmcClient):
@@ -55,6 +58,7 @@ class RecordingClient(BmcClient):
         self.ledger = ledger
 
     def _run(self) -> str:
+        self.before_command()  # as the real clients do, once per command they send
         host = f"{self.endpoint.host}:{self.endpoint.port}"
         ledger = self.ledger
         with ledger.lock:
@@ -78,10 +82,18 @@ class RecordingClient(BmcClient):
                 ledger.total -= 1
 
     def get_power_state(self) -> PowerState:
-        return PowerState(self._run())
+        state = PowerState(self._run())
+        ledger = self.ledger
+        if ledger.power_on_after is None:
+            return state
+        changes = ledger.power_changes[self.target.node]
+        on = bool(changes) and time.monotonic() - changes[0] >= ledger.power_on_after
+        return PowerState.ON if on else PowerState.OFF
 
     def set_power(self, action: PowerAction) -> None:
         self._run()
+        with self.ledger.lock:
+            self.ledger.power_changes[self.target.node].append(time.monotonic())
 
     def set_boot_device(
         self, device: BootDevice, *, persistent: bool = False, uefi: bool = True
@@ -164,6 +176,65 @@ def test_min_interval_spaces_commands_to_one_bmc() -> None:
     assert len(gaps) == 2 and all(gap >= 0.14 for gap in gaps), gaps
 
 
+def test_min_interval_spaces_each_command_of_an_operation() -> None:
+    """A Redfish cycle is several requests, and a wait polls: each command is paced, not
+    just the first of an operation."""
+    ledger = Ledger()
+
+    def three(client: BmcClient, target: Target) -> None:
+        client.get_power_state()
+        client.get_power_state()
+        client.set_power(PowerAction.ON)
+
+    with _fan(Policy(min_interval=0.15), ledger) as fan:
+        (result,) = fan.run(_targets(1), three)
+    gaps = [b - a for a, b in itertools.pairwise(ledger.starts["n000"])]
+    assert result.ok and len(gaps) == 2 and all(gap >= 0.14 for gap in gaps), gaps
+
+
+def test_a_cycle_that_may_have_reached_the_bmc_is_not_sent_twice() -> None:
+    for reason, attempts in (("timeout", 1), ("bmc-error", 1), ("unreachable", 2)):
+        ledger = Ledger(failures={"n000": [BmcError(reason, "x")]})
+        with _fan(Policy(retries=3, backoff=0.01), ledger) as fan:
+            (result,) = fan.run(_targets(1), ops.power(PowerAction.CYCLE))
+        assert result.attempts == attempts, (reason, result)
+        assert result.ok is (attempts == 2)
+    ledger = Ledger(failures={"n000": [BmcError("timeout", "x")]})
+    with _fan(Policy(retries=3, backoff=0.01), ledger) as fan:
+        (result,) = fan.run(_targets(1), ops.power(PowerAction.ON))
+    assert result.ok and result.attempts == 2  # power on is safe to ask again
+
+
+def test_a_wait_for_power_has_its_own_time_beyond_the_command_timeout() -> None:
+    ledger = Ledger(power_on_after=0.7)
+    with _fan(Policy(timeout=0.3, retries=3, backoff=0.01), ledger) as fan:
+        (result,) = fan.run(_targets(1), ops.power(PowerAction.ON, wait=3.0))
+    assert result.ok and result.value == "on" and result.attempts == 1, result
+    assert len(ledger.power_changes["n000"]) == 1
+
+
+def test_a_bmc_is_free_between_the_polls_of_a_wait() -> None:
+    """Two systems behind one Redfish service wait side by side: the second's power-on is
+    sent while the first is still being waited on, not after."""
+    ledger = Ledger(power_on_after=1.5)
+    targets = _targets(2, shared_host=True)
+    with _fan(Policy(concurrency=2), ledger) as fan:
+        results = fan.run(targets, ops.power(PowerAction.ON, wait=10))
+    assert [r.value for r in results] == ["on", "on"], results
+    assert ledger.max_in_flight == {"10.0.0.1:443": 1}
+    first_polls, second_polls = ledger.starts["n000"], ledger.starts["n001"]
+    assert min(second_polls) < max(first_polls) and min(first_polls) < max(second_polls)
+
+
+def test_a_wait_in_vain_is_not_retried() -> None:
+    ledger = Ledger(power_on_after=60)
+    with _fan(Policy(timeout=0.3, retries=3, backoff=0.01), ledger) as fan:
+        (result,) = fan.run(_targets(1), ops.power(PowerAction.ON, wait=0.4))
+    assert (result.reason, result.attempts) == ("timeout", 1), result
+    assert (result.message or "").startswith("power did not reach on within 0.4 s")
+    assert len(ledger.power_changes["n000"]) == 1  # asked once, waited once
+
+
 def test_sessions_are_reused_across_commands_of_a_fan_out() -> None:
     ledger = Ledger()
     targets = _targets(6)
@@ -232,6 +303,21 @@ def test_power_on_is_staggered_per_rack() -> None:
         for k, offset in enumerate(offsets):
             assert offset >= (k // 2) * 0.2 - 0.01, (rack, offsets)
         assert offsets[-1] < 0.4 + 0.5
+
+
+def test_a_retried_power_on_waits_for_its_racks_turn_again() -> None:
+    """One power-on per 0.3 s per rack: n000 fails at once and is retried; its retry must
+    not land in n001's window."""
+    ledger = Ledger(failures={"n000": [BmcError("unreachable", "x")]})
+    targets = _targets(3)
+    policy = Policy(concurrency=3, stagger_count=1, stagger_interval=0.3, backoff=0.01)
+    with _fan(policy, ledger) as fan:
+        results = fan.run(targets, ops.power(PowerAction.ON), stagger=True)
+    assert all(r.ok for r in results) and results[0].attempts == 2
+    starts = sorted(t for node in ("n000", "n001", "n002") for t in ledger.starts[node])
+    assert len(starts) == 4
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(gap >= 0.29 for gap in gaps), gaps
 
 
 def test_password_is_resolved_once_in_memory_and_a_missing_one_fails_as_auth(
