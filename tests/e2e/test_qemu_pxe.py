@@ -374,7 +374,9 @@ def test_dnsmasq_serves_the_firmware_pxe_binaries_over_tftp(lab: PxeLab) -> None
         done = lab.netns("busybox", "tftp", "-g", "-r", name, "-l", str(fetched), str(lab.gateway))
         assert done.returncode == 0, done.stderr + lab.report()
         assert fetched.read_bytes() == source.read_bytes()
-        assert f"sent {lab.tftp_root / name} to" in lab.dnsmasq_log.read_text()
+        # dnsmasq logs the transfer once it has the last ACK, which may be after busybox exits.
+        sent = f"sent {lab.tftp_root / name} to"
+        wait_until(lambda line=sent: line in lab.dnsmasq_log.read_text(), 10, what=sent)
     missing = lab.netns(
         "busybox", "tftp", "-g", "-r", "pxelinux.0", "-l", "/dev/null", str(lab.gateway)
     )

@@ -321,7 +321,9 @@ def test_a_rollout_killed_mid_way_resumes_and_a_failure_past_the_budget_rolls_ba
     rig: Rig,
 ) -> None:
     """Back to h100-570, one node at a time and no failure allowed: the run is SIGKILLed
-    right after the canary's playbook ran; the re-run takes the canary up where it stopped,
+    once the canary is drained, before its playbook (a kill after the playbook, which the
+    re-run runs again, is the unit tests' case; here it would cost a fourth real upgrade);
+    the re-run takes the canary up where it stopped, with the stack it had kept from the drain,
     then gpu-lab-02 fails its burn-in (a GPU lost, written into its simulated hardware):
     it goes back to h100-580 for real, stays quarantined, and the rollout halts before
     gpu-lab-04. No node was upgraded twice."""
@@ -337,11 +339,11 @@ def test_a_rollout_killed_mid_way_resumes_and_a_failure_past_the_budget_rolls_ba
     argv = [str(REPO / ".venv/bin/provisioner"), "upgrade", str(spec), "--stack", "h100-570",
             "--state", rig.url, "--render", str(render), "--key", str(rig.lab.key),
             "-o", "json"]  # fmt: skip
-    killed = subprocess.run(argv, env={**rig.lab.env, "PROVISIONER_KILL_AT": "upgraded:*"},
+    killed = subprocess.run(argv, env={**rig.lab.env, "PROVISIONER_KILL_AT": "drained:*"},
                             cwd=rig.lab.root, capture_output=True, text=True,
                             timeout=RUN_TIMEOUT, check=False)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    canary = next(n for n, record in rig.nodes().items() if record.state is State.upgrading)
+    canary = next(n for n, record in rig.nodes().items() if record.state is State.draining)
     assert canary == "gpu-lab-01"
     hardware = rig.lab.root / "state" / rig.lab.site / "nodes" / "gpu-lab-02" / "hardware"
     original = (hardware / "gpus.json").read_text()
