@@ -2,7 +2,8 @@
 
 A BMC client (IPMI in ``ipmi.py``, Redfish in ``redfish.py``) implements all three:
 
-* :class:`PowerInterface`: read the power state, change it, wait for a state;
+* :class:`PowerInterface`: read the power state, change it (waiting for a state is the
+  fan-out's, polling with the BMC free between polls: ``operations.power(wait=)``);
 * :class:`BootInterface`: the next boot from the network (once) or from disk;
 * :class:`InventoryInterface`: FRU identity, the system event log, sensors.
 
@@ -13,7 +14,6 @@ the password it was given.
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,16 +113,6 @@ class PowerInterface(ABC):
     @abstractmethod
     def set_power(self, action: PowerAction) -> None:
         """Ask for a power change and return once the BMC accepted it."""
-
-    def wait_for_power(self, state: PowerState, timeout: float, interval: float = 1.0) -> None:
-        """Poll until the power state is ``state``; BmcError(timeout) after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.get_power_state() == state:
-                return
-            if time.monotonic() >= deadline:
-                raise BmcError("timeout", f"power did not reach {state} within {timeout:g} s")
-            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
 class BootInterface(ABC):

@@ -488,18 +488,10 @@ def test_one_fan_out_drives_ipmi_and_redfish_together(
         Target("redfish", "r", parse_bmc_url(_redfish_urls(sushy)[0]), "admin", sushy.password),
     ]
     with FanOut(Policy(timeout=20, verify_tls=False)) as fan:
-        results = fan.run(
-            targets,
-            lambda client, target: (
-                (
-                    client.set_boot_device(BootDevice.NETWORK),
-                    client.set_power(PowerAction.ON),
-                    client.wait_for_power(PowerState.ON, 20),
-                )
-                and "done"
-            ),
-        )
-    assert [r.ok for r in results] == [True, True], [r.as_dict() for r in results]
+        booted = fan.run(targets, ops.boot(BootDevice.NETWORK))
+        results = fan.run(targets, ops.power(PowerAction.ON, wait=20))
+    assert [r.ok for r in booted] == [True, True], [r.as_dict() for r in booted]
+    assert [r.value for r in results] == ["on", "on"], [r.as_dict() for r in results]
     assert ipmi_sim.power() == "on" and ipmi_sim.boot() == "pxe"
     assert sushy.power_state(0) == "On" and sushy.boot_target(0) == "Pxe"
 
