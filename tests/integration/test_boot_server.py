@@ -508,9 +508,18 @@ def test_every_request_is_one_json_line_and_no_token_is_written_or_logged(
         ]
         events_after(server, len(statuses))
     lines = events.read_text(encoding="utf-8").splitlines()
-    # A fetch is recorded just after its reply is sent, so the next request (a callback,
-    # recorded before its reply) may be written first: within each kind the order holds.
-    records = sorted((json.loads(line) for line in lines), key=lambda r: r["kind"] != "fetch")
+    # A fetch is recorded just after its reply is sent, so the next request may be written
+    # first: fetches are put back in the order they were asked for (each path once), then
+    # the callbacks, which are recorded before their replies, in their own order.
+    asked = ["boot.ipxe", f"{mac_file(a.mac)}.ipxe", "user-data", "ff-ff-ff-ff-ff-ff.ipxe",
+             "vmlinuz"]  # fmt: skip
+    records = sorted(
+        (json.loads(line) for line in lines),
+        key=lambda r: (
+            r["kind"] != "fetch",
+            asked.index(r["path"].rsplit("/", 1)[-1]) if r["kind"] == "fetch" else 0,
+        ),
+    )
     assert [r["status"] for r in records] == statuses
     assert statuses == [200, 200, 200, 404, 200, 403, 403, 403, 403, 400, 200]
     assert [r["kind"] for r in records] == ["fetch"] * 5 + ["callback"] * 6
